@@ -1,0 +1,25 @@
+"""Test harness: every test runs on 8 simulated CPU devices with rank promotion disabled.
+
+The flags must be set before JAX initialises its backends, so they live at the top of conftest.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_threefry_partitionable", True)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mesh8():
+    """A 1-D ('data',) mesh over the 8 simulated CPU devices."""
+    from rlhf_jax import parallel
+    return parallel.make_mesh()
