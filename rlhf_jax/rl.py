@@ -1,0 +1,447 @@
+"""RL math for RLHF as pure array functions: masked statistics, GAE, KL estimators and shaping,
+KL-coefficient controllers, reward normalisation and response truncation.
+
+Conventions: ``B`` batch, ``T`` tokens, ``K`` responses per prompt. A ``mask`` is True/nonzero on
+real tokens and False/zero on padding; responses are right-padded (real tokens first). Every
+reduction over tokens is masked, and a fully masked input reduces to 0, never NaN. Shapes are
+checked at every public function: an array of the wrong rank (e.g. values ``[B, T, 1]`` against a
+``[B, T]`` mask) raises ``ValueError`` instead of broadcasting.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+__all__ = [
+    "check_shapes",
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "explained_variance",
+    "gae",
+    "KL_ESTIMATORS",
+    "kl_estimate",
+    "kl_shaped_rewards",
+    "KLControllerState",
+    "fixed_kl_controller",
+    "adaptive_kl_controller",
+    "kl_controller_update",
+    "normalization_gain_bias",
+    "truncate_after_eos",
+    "apply_missing_eos_penalty",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Shape checks
+# --------------------------------------------------------------------------------------------
+def check_shapes(fn: str, specs: Sequence[tuple[str, Any, str]]) -> dict[str, int]:
+    """Checks ranks and named dimensions of arrays at a public boundary.
+
+    Each spec is ``(argument_name, array, dims)`` where ``dims`` is a string with one letter per
+    axis (``"BT"``, ``"BTV"``, ``""`` for a scalar); ``_`` matches any size. A letter seen twice must
+    have the same size everywhere.
+
+    Args:
+      fn: name of the calling function, used in the error message.
+      specs: the arrays to check, in the order their dimensions are bound.
+
+    Returns:
+      The bound dimension sizes, e.g. ``{"B": 4, "T": 16}``.
+
+    Raises:
+      ValueError: naming the argument, its shape and the expected shape.
+    """
+    dims: dict[str, int] = {}
+    origin: dict[str, str] = {}
+    for name, x, spec in specs:
+        shape = tuple(jnp.shape(x))
+        expected = "[" + ", ".join(spec) + "]"
+        if len(shape) != len(spec):
+            bound = tuple(dims.get(d, d) for d in spec)
+            raise ValueError(f"{fn}: `{name}` has shape {shape} (rank {len(shape)}); expected "
+                             f"{expected} (rank {len(spec)}) = {bound}")
+        for d, n in zip(spec, shape):
+            if d == "_":
+                continue
+            if d in dims and dims[d] != n:
+                bound = tuple(dims.get(e, e) for e in spec)
+                raise ValueError(f"{fn}: `{name}` has shape {shape}; expected {expected} = {bound} "
+                                 f"({d}={dims[d]} from `{origin[d]}`)")
+            if d not in dims:
+                dims[d] = n
+                origin[d] = name
+    return dims
+
+
+def _bool(mask: Array) -> Array:
+    mask = jnp.asarray(mask)
+    return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+# --------------------------------------------------------------------------------------------
+# Masked statistics
+# --------------------------------------------------------------------------------------------
+def masked_sum(x: Array, mask: Array, axis: int | Sequence[int] | None = None) -> Array:
+    """``Σ_i x_i·m_i``; padded entries are excluded with ``where`` (so inf/NaN there cannot leak).
+
+    Args:
+      x: array of any shape.
+      mask: same shape as ``x``; True/nonzero marks real entries.
+      axis: axes to reduce (default all).
+    """
+    _check_same("masked_sum", x, mask)
+    return jnp.sum(jnp.where(_bool(mask), x, 0), axis=axis)
+
+
+def masked_mean(x: Array, mask: Array, axis: int | Sequence[int] | None = None) -> Array:
+    """Masked mean ``Σ x·m / max(Σ m, 1)``: a fully masked input gives 0, not NaN.
+
+    Args:
+      x: array of any shape (e.g. ``[B, T]``).
+      mask: same shape as ``x``; True/nonzero marks real entries.
+      axis: axes to reduce (default all).
+    """
+    _check_same("masked_mean", x, mask)
+    m = _bool(mask)
+    n = jnp.sum(m, axis=axis)
+    total = jnp.sum(jnp.where(m, x, 0), axis=axis)
+    return total / jnp.maximum(n, 1).astype(total.dtype)
+
+
+def masked_var(x: Array, mask: Array, unbiased: bool = True) -> Array:
+    """Masked variance over all entries: ``Σ m·(x − μ)² / (n − 1)`` (unbiased) or ``/ n``.
+
+    Fewer than two real entries give 0 (the Bessel factor ``n/(n−1)`` is skipped, the biased
+    variance of ≤1 value is 0), so the result is never NaN.
+
+    Args:
+      x: array of any shape.
+      mask: same shape as ``x``.
+      unbiased: apply Bessel's correction.
+    """
+    _check_same("masked_var", x, mask)
+    mean = masked_mean(x, mask)
+    var = masked_mean(jnp.square(x - mean), mask)
+    if unbiased:
+        n = jnp.sum(_bool(mask)).astype(var.dtype)
+        var = var * n / jnp.maximum(n - 1, 1)
+    return var
+
+
+def masked_whiten(x: Array, mask: Array, shift_mean: bool = True, eps: float = 1e-8) -> Array:
+    """Masked whitening ``(x − μ) / sqrt(σ² + eps)`` with μ, σ² (unbiased) over real entries only.
+
+    lm-human-preferences whitens advantages over the padded batch; here padding is excluded from the
+    statistics and set to 0 in the output. With ``shift_mean=False`` the mean is added back (used for
+    rewards: rescale without recentring).
+
+    Args:
+      x: array, e.g. advantages ``[B, T]``.
+      mask: same shape as ``x``.
+      shift_mean: subtract the mean (True) or only rescale (False).
+      eps: added to the variance.
+
+    Returns:
+      Array shaped like ``x``; 0 on padding (and everywhere if fully masked).
+    """
+    _check_same("masked_whiten", x, mask)
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=True)
+    out = (x - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return jnp.where(_bool(mask), out, 0)
+
+
+def explained_variance(pred: Array, target: Array, mask: Array) -> Array:
+    """Explained variance ``1 − Var[target − pred] / Var[target]`` over real entries.
+
+    1 is a perfect value function, 0 no better than a constant, negative worse. When the target has
+    zero variance the statistic is undefined and 0 is returned.
+
+    Args:
+      pred: predictions, e.g. values ``[B, T]``.
+      target: e.g. returns ``[B, T]``.
+      mask: ``[B, T]``.
+    """
+    _check_same("explained_variance", pred, mask, "pred")
+    _check_same("explained_variance", target, mask, "target")
+    var_t = masked_var(target, mask, unbiased=False)
+    var_e = masked_var(target - pred, mask, unbiased=False)
+    return jnp.where(var_t > 0, 1.0 - var_e / jnp.where(var_t > 0, var_t, 1.0), 0.0)
+
+
+def _check_same(fn: str, x: Array, mask: Array, xname: str = "x", mname: str = "mask") -> None:
+    if tuple(jnp.shape(x)) != tuple(jnp.shape(mask)):
+        raise ValueError(f"{fn}: `{mname}` has shape {tuple(jnp.shape(mask))}; expected the shape of "
+                         f"`{xname}` {tuple(jnp.shape(x))} (no broadcasting)")
+
+
+# --------------------------------------------------------------------------------------------
+# GAE
+# --------------------------------------------------------------------------------------------
+def gae(rewards: Array, values: Array, mask: Array, gamma: float | Array,
+        lam: float | Array) -> tuple[Array, Array]:
+    """Generalised advantage estimation (Schulman et al. 2016, arXiv:1506.02438).
+
+    With ``V_t`` set to 0 at and after the first padding position (the episode ends at the last real
+    token, no bootstrap past it)::
+
+        δ_t = r_t + γ·V_{t+1}·m_{t+1} − V_t
+        A_t = δ_t + γ·λ·m_{t+1}·A_{t+1}
+        R_t = A_t + V_t                      (the value target, "returns")
+
+    computed by ``lax.scan(reverse=True)`` over T. Responses must be right-padded (a row's real
+    tokens form a prefix); a mask with holes truncates the episode at the first hole.
+
+    Args:
+      rewards: ``[B, T]`` per-token rewards (e.g. from :func:`kl_shaped_rewards`).
+      values: ``[B, T]`` value predictions (squeeze a ``[B, T, 1]`` head output first).
+      mask: ``[B, T]`` True on real response tokens.
+      gamma: discount γ (scalar).
+      lam: GAE λ (scalar).
+
+    Returns:
+      ``(advantages, returns)``, both ``[B, T]`` and 0 on padding.
+    """
+    check_shapes("gae", [("rewards", rewards, "BT"), ("values", values, "BT"),
+                         ("mask", mask, "BT"), ("gamma", gamma, ""), ("lam", lam, "")])
+    dtype = jnp.result_type(rewards, values, jnp.float32)
+    m = _bool(mask)
+    r = jnp.where(m, rewards, 0).astype(dtype)
+    v = jnp.where(m, values, 0).astype(dtype)
+
+    def step(carry, xs):
+        next_value, next_adv = carry  # both already 0 past the end of the episode
+        r_t, v_t, m_t = xs
+        delta = r_t + gamma * next_value - v_t
+        adv = jnp.where(m_t, delta + gamma * lam * next_adv, 0)
+        return (v_t, adv), adv
+
+    zeros = jnp.zeros(r.shape[:1], dtype)
+    _, adv_tb = jax.lax.scan(step, (zeros, zeros), (r.T, v.T, m.T), reverse=True)
+    adv = adv_tb.T
+    returns = jnp.where(m, adv + v, 0)
+    return adv, returns
+
+
+# --------------------------------------------------------------------------------------------
+# KL estimators and shaping
+# --------------------------------------------------------------------------------------------
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_estimate(logp: Array, ref_logp: Array, estimator: str = "k1",
+                log_ratio_clip: float | None = 20.0) -> Array:
+    """Per-token estimators of KL(π ‖ π_ref) from samples of π (Schulman, "Approximating KL
+    Divergence", 2020, http://joschu.net/blog/kl-approx.html). With ``log r = ref_logp − logp``::
+
+        k1 = −log r           = logp − ref_logp       (unbiased, high variance, can be < 0)
+        k2 = ½·(log r)²                                (biased, low variance, ≥ 0)
+        k3 = (r − 1) − log r  = exp(ref − logp) − (ref − logp) − 1   (unbiased, ≥ 0)
+
+    Args:
+      logp: ``[...]`` log-probabilities of the sampled tokens under the policy.
+      ref_logp: same shape, under the reference (SFT) policy.
+      estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
+      log_ratio_clip: k3 only: ``log r`` is clipped to ``[−c, c]`` before ``exp`` so that extreme
+        log-probabilities (e.g. −1e4) give a large finite value instead of inf/NaN gradients
+        (``exp(20) ≈ 4.9e8``). ``None`` disables the clip.
+
+    Returns:
+      Per-token KL estimates shaped like ``logp``.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimate: `estimator` is {estimator!r}; expected one of "
+                         f"{KL_ESTIMATORS}")
+    _check_same("kl_estimate", logp, ref_logp, "logp", "ref_logp")
+    log_r = ref_logp - logp
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * jnp.square(log_r)
+    if log_ratio_clip is not None:
+        log_r = jnp.clip(log_r, -log_ratio_clip, log_ratio_clip)
+    return jnp.expm1(log_r) - log_r
+
+
+def kl_shaped_rewards(score: Array, logp: Array, ref_logp: Array, mask: Array,
+                      kl_coef: float | Array, estimator: str = "k1") -> tuple[Array, Array]:
+    """Per-token RLHF rewards with a KL penalty to the reference policy (Ziegler et al. 2019,
+    arXiv:1909.08593; Stiennon et al. 2020; InstructGPT, Ouyang et al. 2022)::
+
+        r_t = −β·KL_t + [t = last real token]·score
+
+    where ``KL_t`` is :func:`kl_estimate` on real tokens (0 on padding). A fully masked row gets no
+    score and all-zero rewards.
+
+    Args:
+      score: ``[B]`` reward-model score of each response (after any missing-EOS penalty).
+      logp: ``[B, T]`` policy log-probs of the response tokens (same temperature as sampling).
+      ref_logp: ``[B, T]`` reference-policy log-probs.
+      mask: ``[B, T]`` True on real response tokens (right-padded).
+      kl_coef: β, scalar (a traced value from :class:`KLControllerState` is fine).
+      estimator: ``"k1"`` (the papers'), ``"k2"`` or ``"k3"``.
+
+    Returns:
+      ``(rewards, kl)``, both ``[B, T]`` and 0 on padding; ``kl`` is the unscaled per-token
+      estimate (sum over T for the per-sequence KL metric, e.g. ``masked_sum(kl, mask, 1)``).
+    """
+    check_shapes("kl_shaped_rewards", [("score", score, "B"), ("logp", logp, "BT"),
+                                       ("ref_logp", ref_logp, "BT"), ("mask", mask, "BT"),
+                                       ("kl_coef", kl_coef, "")])
+    m = _bool(mask)
+    kl = jnp.where(m, kl_estimate(logp, ref_logp, estimator), 0)
+    t = jnp.arange(m.shape[1])
+    last = jnp.max(jnp.where(m, t[None, :], -1), axis=1)  # -1 for an empty row
+    is_last = t[None, :] == last[:, None]
+    rewards = -kl_coef * kl + jnp.where(is_last, score[:, None], 0)
+    return rewards, kl
+
+
+# --------------------------------------------------------------------------------------------
+# KL controllers
+# --------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class KLControllerState:
+    """State of the KL coefficient β, a pytree usable inside ``jit``/``scan``.
+
+    Attributes:
+      value: current β (float32 scalar).
+      target: adaptive only: the KL target (nats per sequence).
+      horizon: adaptive only: the horizon H in samples.
+      adaptive: static; False keeps β fixed.
+    """
+    value: Array
+    target: Array
+    horizon: Array
+    adaptive: bool = flax.struct.field(pytree_node=False, default=False)
+
+
+def fixed_kl_controller(value: float) -> KLControllerState:
+    """A controller whose β never changes."""
+    f = jnp.float32
+    return KLControllerState(jnp.asarray(value, f), jnp.asarray(0.0, f), jnp.asarray(1.0, f),
+                             adaptive=False)
+
+
+def adaptive_kl_controller(init_value: float, target: float, horizon: float) -> KLControllerState:
+    """The adaptive controller of Ziegler et al. 2019 (see :func:`kl_controller_update`)."""
+    if not target > 0 or not horizon > 0:
+        raise ValueError(f"adaptive_kl_controller: `target` ({target}) and `horizon` ({horizon}) "
+                         "must be > 0")
+    f = jnp.float32
+    return KLControllerState(jnp.asarray(init_value, f), jnp.asarray(target, f),
+                             jnp.asarray(horizon, f), adaptive=True)
+
+
+def kl_controller_update(state: KLControllerState, current_kl: Array,
+                         n_steps: int | Array) -> KLControllerState:
+    """One controller update (Ziegler et al. 2019, arXiv:1909.08593, §2.2)::
+
+        e = clip(KL / KL_target − 1, −0.2, 0.2)
+        β ← β·(1 + e·n / H)
+
+    A fixed controller returns ``state`` unchanged.
+
+    Args:
+      state: the controller.
+      current_kl: scalar, the mean per-sequence KL of the last batch.
+      n_steps: scalar, the number of samples (episodes) in that batch.
+
+    Returns:
+      The updated state.
+    """
+    check_shapes("kl_controller_update", [("current_kl", current_kl, ""),
+                                          ("n_steps", n_steps, "")])
+    if not state.adaptive:
+        return state
+    err = jnp.clip(current_kl / state.target - 1.0, -0.2, 0.2)
+    mult = 1.0 + err * n_steps / state.horizon
+    return state.replace(value=(state.value * mult).astype(state.value.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Reward normalisation
+# --------------------------------------------------------------------------------------------
+def normalization_gain_bias(scores: Array, current_gain: float | Array, current_bias: float | Array,
+                            target_mean: float = 0.0, target_std: float = 1.0,
+                            eps: float = 1e-8) -> tuple[Array, Array]:
+    """New ``(gain, bias)`` of a head ``gain·raw + bias`` so its scores get a target mean and std
+    on a reference set of samples (lm-human-preferences ``normalize_before/after``; Ziegler et al.
+    2019). With μ, σ the mean and (population) std of the current ``scores``::
+
+        gain' = gain·s / σ,    bias' = (bias − μ)·s / σ + m      (s = target_std, m = target_mean)
+
+    so that ``gain'·raw + bias' = s·(score − μ)/σ + m``. σ is floored at ``eps``.
+
+    Args:
+      scores: ``[N]`` current head outputs on reference samples (policy samples of reference
+        prompts).
+      current_gain: scalar, the head's current gain.
+      current_bias: scalar, the head's current bias.
+      target_mean: desired mean m.
+      target_std: desired std s.
+
+    Returns:
+      ``(gain, bias)`` scalars.
+    """
+    check_shapes("normalization_gain_bias", [("scores", scores, "N"),
+                                             ("current_gain", current_gain, ""),
+                                             ("current_bias", current_bias, "")])
+    mean = jnp.mean(scores)
+    std = jnp.maximum(jnp.std(scores), eps)
+    scale = target_std / std
+    return current_gain * scale, (current_bias - mean) * scale + target_mean
+
+
+# --------------------------------------------------------------------------------------------
+# Truncation and missing-EOS penalty
+# --------------------------------------------------------------------------------------------
+def truncate_after_eos(tokens: Array, eos_id: int, pad_id: int) -> tuple[Array, Array]:
+    """Masks every token after the first ``eos_id`` of each row; the EOS itself is kept.
+
+    ``mask_t = (no EOS at any s < t)``; masked tokens are replaced with ``pad_id``. This is also
+    lm-human-preferences' ``truncate_token`` post-processing when called with that token.
+
+    Args:
+      tokens: ``[B, T]`` int sampled response tokens.
+      eos_id: stop token id.
+      pad_id: token written on masked positions.
+
+    Returns:
+      ``(tokens, mask)``, ``[B, T]`` int and ``[B, T]`` bool.
+    """
+    check_shapes("truncate_after_eos", [("tokens", tokens, "BT")])
+    is_eos = (tokens == eos_id).astype(jnp.int32)
+    eos_before = jnp.cumsum(is_eos, axis=1) - is_eos
+    mask = eos_before == 0
+    return jnp.where(mask, tokens, jnp.asarray(pad_id, tokens.dtype)), mask
+
+
+def apply_missing_eos_penalty(scores: Array, contains_eos: Array,
+                              penalty: float | Array) -> Array:
+    """Replaces the score of responses that never emitted the stop token with ``penalty``.
+
+    lm-human-preferences / Stiennon et al. 2020 give such truncated samples a fixed score
+    (``penalty_reward_value``, e.g. −1) so the policy learns to finish its answers.
+
+    Args:
+      scores: ``[B]`` reward-model scores.
+      contains_eos: ``[B]`` bool, whether the response contains the stop token.
+      penalty: scalar score for responses without it.
+
+    Returns:
+      ``[B]`` scores.
+    """
+    check_shapes("apply_missing_eos_penalty", [("scores", scores, "B"),
+                                               ("contains_eos", contains_eos, "B"),
+                                               ("penalty", penalty, "")])
+    return jnp.where(_bool(contains_eos), scores, jnp.asarray(penalty, scores.dtype))
