@@ -1,0 +1,5 @@
+"""Decoder transformers (GPT-2 / Llama families), KV cache, scalar heads, HF weight import/export."""
+from rlhf_jax.models.config import ModelConfig, PRESETS
+from rlhf_jax.models.transformer import KVCache, Transformer, init_cache, positions_from_mask
+
+__all__ = ["ModelConfig", "PRESETS", "KVCache", "Transformer", "init_cache", "positions_from_mask"]

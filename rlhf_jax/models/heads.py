@@ -1,0 +1,85 @@
+"""Scalar heads on a transformer backbone: reward models and PPO value functions.
+
+Initialisation follows lm-human-preferences (Ziegler et al. 2019, ``lm_human_preferences/
+language/model.py``): the value head starts at exactly zero, the reward head's weights are drawn
+from ``N(0, 1 / (D + 1))`` so its initial outputs have roughly unit variance, and the reward head
+carries a learnable ``gain``/``bias`` pair that reward normalisation sets so the scores of policy
+samples have a chosen mean and standard deviation.
+"""
+from __future__ import annotations
+
+import math
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import Transformer
+
+HEAD_INITS = ("reward", "value")
+
+
+class ScalarHead(nnx.Module):
+    """``r = gain * (h @ w + b) + bias`` mapping hidden states ``[B, T, D]`` to ``[B, T]``.
+
+    Args:
+      d_model: D.
+      init: ``"reward"`` (``w ~ N(0, 1/(D+1))``) or ``"value"`` (``w = 0``); ``b = 0``, ``gain = 1``,
+        ``bias = 0`` either way.
+      rngs: the ``params`` stream draws ``w`` for the reward init.
+    """
+
+    def __init__(self, d_model: int, *, init: str, rngs: nnx.Rngs):
+        if init not in HEAD_INITS:
+            raise ValueError(f"ScalarHead init={init!r}; expected one of {HEAD_INITS}")
+        if init == "reward":
+            std = 1.0 / math.sqrt(d_model + 1)
+            w = std * jax.random.normal(rngs.params(), (d_model,), jnp.float32)
+        else:
+            w = jnp.zeros((d_model,), jnp.float32)
+        self.w = nnx.Param(w)
+        self.b = nnx.Param(jnp.zeros((), jnp.float32))
+        self.gain = nnx.Param(jnp.ones((), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((), jnp.float32))
+
+    def __call__(self, hidden_btd: jax.Array) -> jax.Array:
+        if hidden_btd.ndim != 3 or hidden_btd.shape[-1] != self.w.shape[0]:
+            raise ValueError(f"ScalarHead expects hidden [B, T, D={self.w.shape[0]}], got shape "
+                             f"{hidden_btd.shape}")
+        # The explicit contraction to [B, T] avoids a [B, T, 1] output (DESIGN.md rule 3).
+        out_bt = jnp.einsum("btd,d->bt", hidden_btd.astype(jnp.float32), self.w[...])
+        return self.gain[...] * (out_bt + self.b[...]) + self.bias[...]
+
+
+class ScalarModel(nnx.Module):
+    """Transformer backbone + :class:`ScalarHead`: ``values_bt = head(backbone(tokens).hidden)``.
+
+    The backbone keeps its LM head (unused here) so its parameters mirror a :class:`Transformer`
+    exactly and can be copied to and from one.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, head_init: str, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.backbone = Transformer(cfg, rngs=rngs)
+        self.head = ScalarHead(cfg.d_model, init=head_init, rngs=rngs)
+
+    def __call__(self, tokens_bt, positions_bt, attention_mask_bt) -> jax.Array:
+        """Scalars for every token.
+
+        Args:
+          tokens_bt, positions_bt, attention_mask_bt: ``[B, T]``, as for :class:`Transformer`.
+
+        Returns:
+          ``[B, T]`` f32; position ``t`` scores the prefix ending at token ``t``.
+        """
+        _, hidden_btd, _ = self.backbone(tokens_bt, positions_bt, attention_mask_bt,
+                                         compute_logits=False)
+        return self.head(hidden_btd)
+
+    @classmethod
+    def from_lm(cls, lm: Transformer, head_init: str, rngs: nnx.Rngs) -> "ScalarModel":
+        """A scalar model whose backbone starts from a trained LM's parameters (copied)."""
+        model = cls(lm.cfg, head_init=head_init, rngs=rngs)
+        nnx.update(model.backbone, jax.tree.map(jnp.copy, nnx.state(lm)))
+        return model
