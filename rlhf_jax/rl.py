@@ -127,6 +127,8 @@ def masked_var(x: Array, mask: Array, unbiased: bool = True) -> Array:
       unbiased: apply Bessel's correction.
     """
     _check_same("masked_var", x, mask)
+    # Zero the padding first: `where` alone would still give NaN gradients for NaN padding.
+    x = jnp.where(_bool(mask), x, 0)
     mean = masked_mean(x, mask)
     var = masked_mean(jnp.square(x - mean), mask)
     if unbiased:
@@ -152,6 +154,7 @@ def masked_whiten(x: Array, mask: Array, shift_mean: bool = True, eps: float = 1
       Array shaped like ``x``; 0 on padding (and everywhere if fully masked).
     """
     _check_same("masked_whiten", x, mask)
+    x = jnp.where(_bool(mask), x, 0)
     mean = masked_mean(x, mask)
     var = masked_var(x, mask, unbiased=True)
     out = (x - mean) * jax.lax.rsqrt(var + eps)
