@@ -1,0 +1,102 @@
+"""Errors and skip reports for data on disk.
+
+Every bad record either raises a :class:`DataError` that names where it came from (file, line or
+record, field) and what was expected, or is skipped by a documented rule and counted in a
+:class:`DataReport`. Nothing is dropped silently: a pipeline that skips prints ``report.summary()``.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from typing import Any
+
+
+class DataError(ValueError):
+    """A record that does not match its schema.
+
+    Attributes:
+      where: ``"path:line"`` or ``"path#record"`` (``"<records>#i"`` for in-memory data).
+      field: the offending field (dotted path such as ``"ranks[2]"``), or ``None``.
+      reason: a short machine-readable key, e.g. ``"bad_json"``, ``"missing_field"``.
+    """
+
+    def __init__(self, where: str, reason: str, message: str, field: str | None = None):
+        self.where, self.reason, self.field = where, reason, field
+        field_txt = f" field {field!r}:" if field else ""
+        super().__init__(f"{where}:{field_txt} {message} [{reason}]")
+
+
+@dataclasses.dataclass
+class DataReport:
+    """Counts of examples kept, skipped (by reason) and modified (e.g. truncated).
+
+    A report deduplicates by ``key`` so that a lazily evaluated pipeline which visits an example
+    once per epoch counts it once. ``examples`` keeps the first ``max_examples`` messages of
+    each reason for the printed summary.
+    """
+    name: str = "data"
+    max_examples: int = 3
+    kept: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    modified: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    examples: dict = dataclasses.field(default_factory=dict)
+    _seen: set = dataclasses.field(default_factory=set, repr=False)
+
+    def _note(self, kind: str, reason: str, message: str, key: Any) -> bool:
+        if key is not None:
+            if (kind, reason, key) in self._seen:
+                return False
+            self._seen.add((kind, reason, key))
+        bucket = self.examples.setdefault(f"{kind}:{reason}", [])
+        if len(bucket) < self.max_examples:
+            bucket.append(message)
+        return True
+
+    def skip(self, reason: str, message: str, key: Any = None) -> None:
+        """Record one skipped example (``reason`` is a short key such as ``"too_long"``)."""
+        if self._note("skipped", reason, message, key):
+            self.skipped[reason] += 1
+
+    def skip_error(self, err: DataError, key: Any = None) -> None:
+        self.skip(err.reason, str(err), key=key)
+
+    def modify(self, reason: str, message: str, key: Any = None) -> None:
+        """Record one example that was kept but changed (e.g. ``"truncated"``)."""
+        if self._note("modified", reason, message, key):
+            self.modified[reason] += 1
+
+    def keep(self, n: int = 1) -> None:
+        self.kept += n
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def merge(self, other: "DataReport") -> "DataReport":
+        self.kept += other.kept
+        self.skipped.update(other.skipped)
+        self.modified.update(other.modified)
+        for k, v in other.examples.items():
+            bucket = self.examples.setdefault(k, [])
+            bucket.extend(v[:max(0, self.max_examples - len(bucket))])
+        return self
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kept": self.kept, "skipped": dict(self.skipped),
+                "modified": dict(self.modified), "examples": self.examples}
+
+    def save(self, path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1, ensure_ascii=False)
+
+    def summary(self) -> str:
+        """A human-readable multi-line summary for experiment logs."""
+        lines = [f"[{self.name}] kept {self.kept}, skipped {self.num_skipped}"
+                 + (f", modified {sum(self.modified.values())}" if self.modified else "")]
+        for kind, counter in (("skipped", self.skipped), ("modified", self.modified)):
+            for reason, n in sorted(counter.items()):
+                lines.append(f"  {kind} {reason}: {n}")
+                for msg in self.examples.get(f"{kind}:{reason}", []):
+                    lines.append(f"    e.g. {msg[:300]}")
+        return "\n".join(lines)
