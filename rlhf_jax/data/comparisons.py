@@ -23,13 +23,14 @@ TFDS: :class:`Comparisons` (``rlhf_comparisons``) builds one split per JSONL fil
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import math
 import os
 import pathlib
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -111,7 +112,8 @@ def validate_comparison(obj: Any, where: str, *, require_ranks: bool = True) -> 
         gs = obj["gold_scores"]
         if not isinstance(gs, list) or len(gs) != k:
             raise DataError(where, "length_mismatch", f"expected a list of K={k} floats, got "
-                            f"{_type_name(gs)} of length {len(gs) if isinstance(gs, list) else '-'}",
+                            f"{_type_name(gs)} of length "
+                            f"{len(gs) if isinstance(gs, list) else '-'}",
                             "gold_scores")
         for i, g in enumerate(gs):
             if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
@@ -126,9 +128,12 @@ def iter_jsonl(path, *, report: DataReport | None = None, on_error: str = "raise
 
     Bytes that are not UTF-8 and malformed JSON raise :class:`DataError` (``"path:line"``) or,
     with ``on_error="skip"``, are counted in ``report`` and skipped. Blank lines are ignored.
+    Gzip files (recognised by their magic bytes) are decompressed on the fly.
     """
     path = str(path)
     with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
@@ -383,8 +388,8 @@ def split_files(source) -> dict[str, list[pathlib.Path]]:
     """Maps split names to JSONL files.
 
     ``source`` is a directory (every ``*.jsonl`` in it; split = file name up to the first ``-``
-    or ``.``: ``train.jsonl``, ``train-00001.jsonl`` -> ``train``, read in that order), a single file (split
-    ``train``), or a mapping ``{split: path or [paths]}``.
+    or ``.``: ``train.jsonl``, ``train-00001.jsonl`` -> ``train``, read in that order), a single
+    file (split ``train``), or a mapping ``{split: path or [paths]}``.
     """
     if isinstance(source, Mapping):
         out = {}

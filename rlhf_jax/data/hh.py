@@ -14,6 +14,10 @@ not included. Features: ``id``, ``prompt``, ``chosen``, ``rejected``, and for
 :func:`rlhf_jax.data.batching.comparison_batches`: ``responses = [chosen, rejected]``,
 ``ranks = [0, 1]``.
 
+Files are fetched with TFDS's download manager (``dl_manager.download``, cached under
+``data_dir/downloads``) and decompressed by Python's ``gzip`` while reading: TFDS's own extractor
+needs TensorFlow.
+
 Bad records (malformed JSON, non-UTF-8, missing/wrongly typed fields, no shared
 ``"\\n\\nAssistant:"`` prefix, an empty reply, identical replies) are skipped and counted in the
 builder's report (``on_error="skip"``, default) or raise ``DataError`` naming file and line.
@@ -102,8 +106,8 @@ class HhRlhf(tfds_utils.RlhfBuilder):
 
     def _split_generators(self, dl_manager):
         subsets = self._subsets()
-        paths = dl_manager.download_and_extract({f"{sub}/{s}": u for sub in subsets
-                                                 for s, u in urls(sub).items()})
+        paths = dl_manager.download(
+            {f"{sub}/{s}": u for sub in subsets for s, u in urls(sub).items()})
         return {s: self._generate_examples([(f"{sub}/{s}", paths[f"{sub}/{s}"])
                                             for sub in subsets]) for s in SPLITS}
 

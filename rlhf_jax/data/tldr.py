@@ -131,7 +131,7 @@ class TldrSft(tfds_utils.RlhfBuilder):
                                            ("id", "subreddit", "title", "post", "summary")})
 
     def _split_generators(self, dl_manager):
-        paths = dl_manager.download_and_extract(SFT_URLS)
+        paths = dl_manager.download(SFT_URLS)
         return {split: self._generate_examples(paths[split], SFT_URLS[split])
                 for split in SFT_URLS}
 
@@ -171,7 +171,7 @@ class TldrComparisons(tfds_utils.RlhfBuilder):
         })
 
     def _split_generators(self, dl_manager):
-        paths = dl_manager.download_and_extract(COMPARISON_URLS)
+        paths = dl_manager.download(COMPARISON_URLS)
         # Records name their own split, so parse every file once and route by `split`.
         by_split = {s: [] for s in COMPARISON_SPLITS}
         for batch in COMPARISON_BATCHES:
@@ -189,7 +189,9 @@ class TldrComparisons(tfds_utils.RlhfBuilder):
                 self.report.keep()
                 ex["source"] = where
                 by_split[ex.pop("split")].append(ex)
-        return {s: self._generate_examples(by_split[s]) for s in COMPARISON_SPLITS}
+        # TFDS cannot write an empty split (only possible with partial or test files).
+        return {s: self._generate_examples(by_split[s]) for s in COMPARISON_SPLITS
+                if by_split[s]}
 
     def _generate_examples(self, rows):
         yield from enumerate(rows)
