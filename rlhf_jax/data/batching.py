@@ -4,19 +4,17 @@ Every loader returns a :class:`Batches`: iterating it yields fixed-shape NumPy b
 arrays, leading axis B) that :func:`rlhf_jax.parallel.shard_batch` can place; keys holding text
 (``"text"``) are for logging and are dropped by :func:`arrays_only`.
 
-=================  =======================================================================
-loader             batch (T = ``max_len``, K = ``num_responses``)
-=================  =======================================================================
-:func:`sft_batches`         ``tokens [B,T] int32``, ``mask [B,T] bool`` (real tokens),
-                            ``loss_mask [B,T] bool`` (response tokens + EOS); right-padded
-:func:`lm_batches`          packed rows: ``tokens``, ``mask``, ``loss_mask`` (= mask),
-                            ``segment_ids [B,T] int32`` (1, 2, ... per document, 0 = padding)
-:func:`comparison_batches`  ``tokens [B,K,T]``, ``mask [B,K,T]``, ``response_mask [B,K,T]``,
-                            ``ranks [B,K] int32`` (0 = best; -1 in padded slots),
-                            ``valid [B,K] bool``; with ``pairs=True``: K = 2, chosen first
-:func:`prompt_batches`      ``tokens [B,T]`` left-padded, ``mask [B,T]``, ``index [B] int64``
-                            (example index in the source), ``text [B]`` (original text)
-=================  =======================================================================
+* :func:`sft_batches`: ``tokens [B,T] int32``, ``mask [B,T] bool`` (real tokens),
+  ``loss_mask [B,T] bool`` (response tokens + EOS); right-padded.
+* :func:`lm_batches`: packed rows ``tokens``, ``mask``, ``loss_mask`` (= mask),
+  ``segment_ids [B,T] int32`` (1, 2, ... per document within the row, 0 = padding).
+* :func:`comparison_batches`: ``tokens [B,K,T]``, ``mask [B,K,T]``, ``response_mask [B,K,T]``,
+  ``ranks [B,K] int32`` (0 = best; -1 in padded slots), ``valid [B,K] bool``; with
+  ``pairs=True`` K = 2 and the chosen response comes first (``ranks = [0, 1]``).
+* :func:`prompt_batches`: ``tokens [B,T]`` left-padded, ``mask [B,T]``, ``index [B] int64``
+  (example index in the source), ``text [B]`` (object array of the original texts).
+
+(T = ``max_len``, K = ``num_responses``.)
 
 Conventions. Prompt and response are tokenised separately and concatenated (the policy generates
 response tokens after the prompt's tokens, so training and sampling see the same split); EOS is
@@ -74,7 +72,8 @@ class LoaderConfig:
     shard_by_process: bool = True
     """Give each JAX process a disjoint shard of the examples."""
     read_threads: int = 1
-    """Threads that prefetch elements in-process (0 = none)."""
+    """Threads that prefetch elements in-process (0 = none). Prefetched examples are counted in
+    the report before they are consumed; iterator state still points at the next unconsumed one."""
     prefetch: int = 16
     """Elements prefetched per thread."""
 

@@ -197,3 +197,25 @@ def test_builder_skip_mode_reports(tmp_path):
     assert dict(builder.report.skipped) == {"bad_json": 1, "empty_response": 1}
     saved = json.loads((builder.data_path / "build_report.json").read_text())
     assert saved["kept"] == 3 and saved["skipped"] == {"bad_json": 1, "empty_response": 1}
+
+
+def test_overlong_comparison_is_skipped_and_counted(tok):
+    recs = make_records(3)
+    recs[1]["responses"][2] = " very long response" * 80
+    b = batching.comparison_batches(recs, tok, max_len=96,
+                                    cfg=batching.LoaderConfig(batch_size=1, shuffle=False))
+    rows = list(b)
+    assert len(rows) == 2 and b.report.skipped == {"too_long": 1}
+    assert "comparisons#1 response 2" in b.report.summary()
+    with pytest.raises(DataError, match=r"comparisons#1 response 2.*max_len=96"):
+        list(batching.comparison_batches(recs, tok, max_len=96, overlong="raise",
+                                         cfg=batching.LoaderConfig(batch_size=1, shuffle=False)))
+
+
+def test_build_cli_comparisons(tmp_path, capsys):
+    from rlhf_jax.data import build
+    comparisons.write_comparisons(tmp_path / "train.jsonl", make_records(5))
+    assert build.main(["comparisons", "--source", str(tmp_path / "train.jsonl"),
+                       "--data-dir", str(tmp_path / "tfds"), "--name", "cli"]) == 0
+    out = capsys.readouterr().out
+    assert "rlhf_comparisons" in out and "train: 5 examples" in out
