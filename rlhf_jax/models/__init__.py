@@ -1,5 +1,10 @@
 """Decoder transformers (GPT-2 / Llama families), KV cache, scalar heads, HF weight import/export."""
 from rlhf_jax.models.config import ModelConfig, PRESETS
+from rlhf_jax.models.heads import ScalarHead, ScalarModel
+from rlhf_jax.models.hf import from_hf, load_pretrained, save_pretrained
 from rlhf_jax.models.transformer import KVCache, Transformer, init_cache, positions_from_mask
 
-__all__ = ["ModelConfig", "PRESETS", "KVCache", "Transformer", "init_cache", "positions_from_mask"]
+__all__ = [
+    "ModelConfig", "PRESETS", "KVCache", "Transformer", "init_cache", "positions_from_mask",
+    "ScalarHead", "ScalarModel", "from_hf", "load_pretrained", "save_pretrained",
+]

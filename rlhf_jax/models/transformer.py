@@ -23,6 +23,7 @@ softmax and the returned logits/hidden are f32.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import flax
@@ -74,8 +75,15 @@ def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=1) - 1, 0)
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _scaled_normal(key: jax.Array, std: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    # One compiled program per shape (std is traced): eager init otherwise compiles the draw and
+    # the scaling separately for every shape, which dominates model construction time on CPU.
+    return std * jax.random.normal(key, shape, jnp.float32)
+
+
 def _normal(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
+    return nnx.Param(_scaled_normal(rngs.params(), jnp.float32(std), tuple(shape)))
 
 
 def _zeros(shape) -> nnx.Param:
