@@ -2,8 +2,8 @@
 
 This module imports only the standard library, so every script can use it from either virtual
 environment (the JAX one in ``.venv`` and the PyTorch/TRL one in ``.venv-baseline``). Scripts import
-it as ``import common`` after putting ``benchmarks/`` on ``sys.path`` (a script that lives directly in
-``benchmarks/`` gets that for free).
+it as ``import common`` after putting ``benchmarks/`` on ``sys.path`` (a script that lives
+directly in ``benchmarks/`` gets that for free).
 
 Result format. Every script writes one JSON file (``write_results``)::
 
@@ -185,7 +185,7 @@ def gpt2_matmul_params(n_layer: int, d_model: int, vocab: int, lm_head: bool = T
 
 def forward_flops(n_layer: int, d_model: int, vocab: int, seq_len: int, tokens: int,
                   lm_head: bool = True) -> float:
-    """Forward model FLOPs: ``tokens · (2·N + 4·L·T·D)``; attention counted without the causal half."""
+    """Forward model FLOPs: ``tokens · (2·N + 4·L·T·D)`` (attention without the causal halving)."""
     n = gpt2_matmul_params(n_layer, d_model, vocab, lm_head)
     return float(tokens) * (2.0 * n + 4.0 * n_layer * seq_len * d_model)
 
@@ -314,25 +314,35 @@ def render_results(records: list[dict[str, Any]], machines: list[dict[str, Any]]
         by_key[(r["bench"], r["case"], r["side"], r.get("dtype", "float32"))] = r
     lines = ["# Benchmark results", ""]
     lines += [
-        "Written by `benchmarks/run_all.sh` (`make bench`); see `benchmarks/README.md` for what each",
-        "figure means. Times are the median of the timed iterations after warm-up, with the 10th–90th",
-        "percentile range and the number of timed runs in brackets; compile time is reported",
-        "separately and excluded. Speed-up = TRL seconds / ours seconds (higher is better for us).",
+        "Written by `benchmarks/run_all.sh` (`make bench`); see `benchmarks/README.md` for what",
+        "each figure means. Times are the median of the timed iterations after warm-up, with the",
+        "10th–90th percentile range and the number of timed runs in brackets; compile time is",
+        "reported separately and excluded. Speed-up = TRL seconds / ours seconds (higher is better",
+        "for us).",
         "",
     ]
     lines += ["## Machine", ""]
-    seen = set()
+    hosts: dict[str, list[str]] = {}
+    versions: dict[str, str] = {}
     for m in machines:
-        key = json.dumps({k: m.get(k) for k in ("cpu_model", "logical_cores", "device")},
-                         sort_keys=True)
-        if key in seen or not m:
+        if not m.get("cpu_model"):
             continue
-        seen.add(key)
-        v = m.get("versions", {})
-        lines.append(f"- CPU: {m.get('cpu_model')}, {m.get('logical_cores')} logical cores "
-                     f"({m.get('usable_cores')} usable), {m.get('ram_gib')} GiB RAM; "
-                     f"device: {m.get('device')}; {m.get('platform')}; Python {m.get('python')}")
-        lines.append("  - " + ", ".join(f"{k} {v[k]}" for k in sorted(v)) + f"; run {m.get('date')}")
+        host = (f"{m.get('cpu_model')}, {m.get('logical_cores')} logical cores "
+                f"({m.get('usable_cores')} usable), {m.get('ram_gib')} GiB RAM, "
+                f"{m.get('platform')}, Python {m.get('python')}")
+        hosts.setdefault(host, [])
+        if m.get("date"):
+            hosts[host].append(m["date"])
+        if m.get("device") and m["device"] not in hosts[host]:
+            hosts[host].insert(0, m["device"])
+        versions.update(m.get("versions", {}))
+    for host, extra in hosts.items():
+        devices = [e for e in extra if "UTC" not in e]
+        dates = sorted(e for e in extra if "UTC" in e)
+        when = f"; run {dates[0]} – {dates[-1]}" if dates else ""
+        lines.append(f"- CPU: {host}; devices: {', '.join(devices) or '?'}{when}")
+    if versions:
+        lines.append("- Software: " + ", ".join(f"{k} {versions[k]}" for k in sorted(versions)))
     if quick_runs := sorted({r["file"] for r in records if r.get("quick")}):
         lines += ["", f"**Smoke run (QUICK=1): few iterations, figures are indicative only** "
                   f"({', '.join(quick_runs)})."]
@@ -347,7 +357,7 @@ def render_results(records: list[dict[str, Any]], machines: list[dict[str, Any]]
         for case in cases:
             trl = by_key.get((bench, case, "trl", "float32"))
             ours = by_key.get((bench, case, "jax", "float32"))
-            cfg = (ours or trl or {}).get("config")
+            cfg = dict((trl or {}).get("config") or {}, **((ours or {}).get("config") or {}))
             ratio = trl["median"] / ours["median"] if trl and ours else None
             target = TARGETS.get((bench, case))
             verdict = ""
@@ -404,9 +414,10 @@ def render_results(records: list[dict[str, Any]], machines: list[dict[str, Any]]
     if mfu_rows:
         lines += ["## Model FLOPs utilisation", ""]
         lines += [
-            "Model FLOPs per step = tokens · (6·N + 12·L·T·D) for forward+backward (PaLM appendix B),",
-            "N = matmul weights (12·L·D² + V·D with the LM head), T = sequence length, D = d_model;",
-            "the PPO update counts policy (with LM head) + value model (no LM head) over",
+            "Model FLOPs per step = tokens · (6·N + 12·L·T·D) for forward+backward (PaLM",
+            "appendix B), N = matmul weights (12·L·D² + V·D with the LM head), T = sequence",
+            "length, D = d_model; the PPO update counts policy (with LM head) + value model (no",
+            "LM head) over",
             "epochs × batch × (query + response) tokens. MFU = achieved FLOP/s / measured matmul",
             "peak of the same dtype from the same run (JAX peak for ours, torch peak for TRL);",
             "the 'MFU vs f32 peak' column always divides by the f32 peak.",
@@ -442,7 +453,15 @@ def main(argv: list[str] | None = None) -> None:
     """``python benchmarks/common.py [RESULT.json ...]``: rewrite RESULTS.md from result files."""
     argv = sys.argv[1:] if argv is None else argv
     paths = argv or glob.glob(os.path.join(OUT_DIR, "*.json"))
-    records, machines = load_results(paths)
+    records, machines = [], []
+    for p in paths:
+        try:
+            r, m = load_results([p])
+        except (ValueError, OSError) as e:  # e.g. a file in another script's own format
+            print(f"skipped {p}: {e}")
+            continue
+        records += r
+        machines += m
     update_results_md(records, machines)
     print(f"wrote {RESULTS_MD} from {len(records)} records in {len(paths)} files")
 

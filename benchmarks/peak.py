@@ -9,7 +9,8 @@ warm-up. FLOPs of one N³ product = 2·N³.
 Usage::
 
     .venv/bin/python benchmarks/peak.py --backend jax --out benchmarks/out/peak_jax.json
-    .venv-baseline/bin/python benchmarks/peak.py --backend torch --out benchmarks/out/peak_torch.json
+    .venv-baseline/bin/python benchmarks/peak.py --backend torch \
+        --out benchmarks/out/peak_torch.json
 """
 
 from __future__ import annotations

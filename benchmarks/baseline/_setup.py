@@ -121,3 +121,25 @@ def common_training_args(out_dir: str, steps: int) -> dict:
         lr_scheduler_type="constant",
         warmup_steps=0,
     )
+
+
+def run_trainer_steps(trainer, timer, warmup: int) -> tuple[dict, float]:
+    """Runs ``trainer.train()``; returns (``summarize`` of the post-warm-up step times, total s).
+
+    A step is the gap between consecutive ``on_step_end`` stamps (the first step starts at
+    ``on_train_begin``): data collation, forward, loss, backward, AdamW, scheduler and callbacks.
+    """
+    t0 = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - t0
+    steps = timer.step_times()
+    if len(steps) <= warmup:
+        raise RuntimeError(f"only {len(steps)} steps recorded, warm-up is {warmup}")
+    return common.summarize(steps[warmup:], first=steps[0]), total
+
+
+def iteration_counts(warmup: int | None, iters: int | None) -> tuple[int, int]:
+    """(warm-up, timed) iteration counts: defaults 2 and 5, or 1 and 2 with ``QUICK=1``."""
+    q = common.quick()
+    return (warmup if warmup is not None else (1 if q else 2),
+            iters if iters is not None else (2 if q else 5))

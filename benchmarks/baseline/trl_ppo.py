@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import tempfile
 import time
 
@@ -39,11 +38,11 @@ CASES = {
 
 
 def run_case(name: str, warmup: int, iters: int) -> dict:
-    import torch
     from datasets import Dataset
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as ppo_module
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     c = CASES[name]
     threads = _setup.setup_torch(0)
