@@ -1,0 +1,197 @@
+"""Stage 2 — collect comparisons: K responses per prompt from several LMs, ranked by a labeler.
+
+For held-out prompts (the first tokens of IMDB reviews that SFT never trained on) every policy in
+``policies`` samples at every temperature in ``temperatures`` (K = len(policies) × len(temperatures)
+responses; "several LMs" as in InstructGPT). A labeler then ranks the K responses:
+
+* ``labeler="simulated"`` (default): a gold sentiment scorer (TF-IDF + logistic regression trained on
+  IMDB labels, independent of the reward model) with Bradley–Terry noise
+  ``P(a ≻ b) = σ((g_a − g_b)/τ)`` (:mod:`rlhf_jax.labelers`).
+* ``labeler="export"``: writes ``to_label.jsonl`` (or ``.csv``) for people and stops; after ranking,
+  ``labeler="import" --rankings-file FILE`` reads their ranks.
+
+Run::
+
+    python -m experiments.collect --preset default
+
+Outputs: ``train.jsonl`` / ``eval.jsonl`` (``rlhf_jax.data.comparisons`` schema, with gold scores),
+``summary.json`` (labeler/gold agreement, mean gold score per policy), and the gold scorer
+(``gold_path``), shared with the later stages for evaluation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from flax import nnx
+import jax
+import numpy as np
+
+from experiments import common
+from rlhf_jax import parallel
+from rlhf_jax.data import comparisons
+from rlhf_jax.data.batching import decode_rows
+from rlhf_jax.generation import SamplingConfig, sample_split
+from rlhf_jax.labelers import GoldSentimentScorer, simulated_ranks
+from rlhf_jax.runs import load_bundle, write_summary
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Comparison collection."""
+    workdir: str = "runs/default/collect"
+    policies: tuple[str, ...] = ("runs/default/sft/final", "runs/default/sft/half")
+    """Model bundles that write responses (an SFT run's ``final/`` and ``half/``)."""
+    temperatures: tuple[float, ...] = (0.7, 1.0)
+    gold_path: str = "runs/default/gold.pkl"
+    """Where the gold scorer is cached (trained on first use from the IMDB ``lm`` split)."""
+    data_dir: str | None = None
+    train_prompts: int = 2000
+    """Prompts (from the IMDB ``prompts`` split) for the reward model's training comparisons."""
+    eval_prompts: int = 400
+    """Prompts (from the ``eval`` split) for held-out comparisons."""
+    query_len: int = 16
+    response_len: int = 24
+    labeler: str = "simulated"
+    """``simulated`` | ``export`` | ``import``."""
+    labeler_temperature: float = 0.5
+    """τ of the simulated labeler (0 = always agrees with the gold ordering)."""
+    rankings_file: str | None = None
+    """With ``labeler=import``: the file people filled in (JSONL or CSV from ``export``)."""
+    batch_size: int = 200
+    """Prompts per sampling call."""
+    compute_dtype: str = "bfloat16"
+    seed: int = 0
+
+
+PRESETS: dict[str, Config] = {
+    "default": Config(),
+    "tiny": Config(workdir="runs/tiny/collect",
+                   policies=("runs/tiny/sft/final", "runs/tiny/sft/half"), temperatures=(1.0,),
+                   gold_path="runs/tiny/gold.pkl", train_prompts=16, eval_prompts=8,
+                   query_len=8, response_len=8, batch_size=8, compute_dtype="float32"),
+    "smollm2": Config(workdir="runs/smollm2/collect",
+                      policies=("runs/smollm2/sft/final", "runs/smollm2/sft/half"),
+                      gold_path="runs/smollm2/gold.pkl", train_prompts=1000, eval_prompts=200,
+                      query_len=32, response_len=32, batch_size=50),
+}
+
+
+def gold_scorer(path: str, sources, max_texts: int | None = None) -> tuple[GoldSentimentScorer,
+                                                                           float]:
+    """Loads the cached gold scorer or fits it on the IMDB ``lm`` split; returns it and its
+    accuracy on the held-out ``eval`` reviews."""
+    texts_eval = common.texts_of(sources["eval"], 1000)
+    labels_eval = common.labels_of(sources["eval"], 1000)
+    if Path(path).exists():
+        gold = GoldSentimentScorer.load(path)
+    else:
+        t0 = time.perf_counter()
+        gold = GoldSentimentScorer.fit(common.texts_of(sources["lm"], max_texts),
+                                       common.labels_of(sources["lm"], max_texts))
+        gold.save(path)
+        print(f"[collect] gold scorer fitted in {time.perf_counter() - t0:.0f}s -> {path}")
+    return gold, gold.accuracy(texts_eval, labels_eval)
+
+
+def sample_responses(cfg: Config, prompt_tokens, prompt_mask, mesh, tokenizer) -> tuple[list, list]:
+    """``(responses [N][K] texts, names [K])`` from every policy × temperature."""
+    texts, names = [], []
+    n = len(prompt_tokens)
+    bs = cfg.batch_size
+    for p_i, policy_dir in enumerate(cfg.policies):
+        model, _, _, _ = load_bundle(policy_dir, kind="lm", compute_dtype=cfg.compute_dtype)
+        graphdef, params = nnx.split(model)
+        params = parallel.replicate(params, mesh)
+        for temp in cfg.temperatures:
+            scfg = SamplingConfig(max_new_tokens=cfg.response_len, temperature=temp,
+                                  pad_id=tokenizer.pad_id, min_new_tokens=1)
+            fn = jax.jit(lambda p, t, m, k, scfg=scfg: sample_split(graphdef, p, t, m, k, scfg))
+            key = jax.random.fold_in(jax.random.key(cfg.seed), len(names))
+            col = []
+            for s in range(0, n, bs):
+                t, m = prompt_tokens[s:s + bs], prompt_mask[s:s + bs]
+                pad = (-len(t)) % mesh.shape[parallel.DATA]
+                if pad:  # keep every batch divisible by the devices; padded rows are dropped
+                    t, m = np.concatenate([t, t[:pad]]), np.concatenate([m, m[:pad]])
+                out = fn(params, *parallel.shard_batch((t, m), mesh), jax.random.fold_in(key, s))
+                col += decode_rows(tokenizer, np.asarray(out.tokens), np.asarray(out.mask))[
+                    :len(t) - pad]
+            texts.append(col)
+            names.append(f"{Path(policy_dir).parent.name}/{Path(policy_dir).name}@T={temp}")
+            print(f"[collect] sampled {n} responses from {names[-1]}")
+    return [list(r) for r in zip(*texts)], names
+
+
+def train(cfg: Config) -> dict:
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = parallel.make_mesh()
+    sources = common.imdb_sources(cfg.data_dir)
+    _, _, tok, _ = load_bundle(cfg.policies[0], kind="lm")
+    rng = np.random.default_rng(cfg.seed)
+    summary = {"stage": "collect", "labeler": cfg.labeler, "config": dataclasses.asdict(cfg)}
+    gold = None
+    if cfg.labeler == "simulated" or cfg.gold_path:
+        gold, acc = gold_scorer(cfg.gold_path, sources)
+        summary["gold_heldout_review_accuracy"] = acc
+        print(f"[collect] gold scorer accuracy on held-out IMDB reviews: {acc:.3f}")
+
+    for split, src_name, n in (("train", "prompts", cfg.train_prompts),
+                               ("eval", "eval", cfg.eval_prompts)):
+        out_path = workdir / f"{split}.jsonl"
+        if out_path.exists():
+            print(f"[collect] {out_path} exists; kept")
+            continue
+        tokens, mask, _ = common.prompt_set(sources[src_name], tok, cfg.query_len, n)
+        prompts = decode_rows(tok, tokens, mask)
+        responses, names = sample_responses(cfg, tokens, mask, mesh, tok)
+        records = [{"id": f"{split}-{i}", "prompt": p, "responses": r, "labeler": cfg.labeler,
+                    "policies": names} for i, (p, r) in enumerate(zip(prompts, responses))]
+        if gold is not None:
+            g = gold.score([x for r in responses for x in r]).reshape(len(records), -1)
+            for rec, row in zip(records, g):
+                rec["gold_scores"] = [float(v) for v in row]
+            summary[f"{split}_mean_gold_prob_by_policy"] = dict(
+                zip(names, (1 / (1 + np.exp(-g))).mean(axis=0).round(4).tolist()))
+        if cfg.labeler == "simulated":
+            ranks = simulated_ranks(g, cfg.labeler_temperature, rng)
+            for rec, r in zip(records, ranks):
+                rec["ranks"] = [int(x) for x in r]
+            summary[f"{split}_labeler_gold_pair_agreement"] = _pair_agreement(ranks, g)
+        elif cfg.labeler == "export":
+            path = workdir / f"to_label_{split}.jsonl"
+            comparisons.export_for_labeling(records, path)
+            print(f"[collect] wrote {path}: rank the responses, then re-run with "
+                  f"--labeler import --rankings-file <filled file>")
+            continue
+        elif cfg.labeler == "import":
+            if not cfg.rankings_file:
+                raise ValueError("labeler=import needs --rankings-file")
+            ranked = {r["id"]: r for r in comparisons.import_rankings(cfg.rankings_file)}
+            missing = [r["id"] for r in records if r["id"] not in ranked]
+            if missing:
+                raise ValueError(f"{cfg.rankings_file}: no ranks for {len(missing)} prompts, "
+                                 f"e.g. {missing[:3]}")
+            for rec in records:
+                rec["ranks"], rec["labeler"] = ranked[rec["id"]]["ranks"], ranked[rec["id"]][
+                    "labeler"]
+        else:
+            raise ValueError(f"labeler={cfg.labeler!r}; expected simulated, export or import")
+        comparisons.write_comparisons(out_path, records)
+        summary[f"{split}_comparisons"] = len(records)
+    write_summary(workdir, summary)
+    return summary
+
+
+def _pair_agreement(ranks: np.ndarray, gold: np.ndarray) -> float:
+    """Fraction of untied labeled pairs whose order matches the gold scores' order."""
+    i, j = np.triu_indices(ranks.shape[1], 1)
+    untied = ranks[:, i] != ranks[:, j]
+    agree = (ranks[:, i] < ranks[:, j]) == (gold[:, i] > gold[:, j])
+    return float(agree[untied].mean()) if untied.any() else float("nan")
+
+
+if __name__ == "__main__":
+    train(common.parse(Config, PRESETS))

@@ -1,0 +1,206 @@
+"""Stage 3 — the reward model: Bradley–Terry loss over every pair a ranking implies.
+
+The reward model is the SFT backbone with a scalar head (lm-human-preferences init), scoring
+``prompt + response + EOS`` at the EOS. Loss: InstructGPT's all-pairs Bradley–Terry loss with each
+prompt weighted once (``loss=ranking``), or lm-human-preferences' best-of-K softmax
+(``loss=best_of_k``). After training, the head's gain/bias are set so the scores of the SFT
+policy's samples have mean 0 and std 1 (reward normalisation).
+
+Run::
+
+    python -m experiments.reward --preset default
+
+Reports held-out pairwise accuracy against the labeler's ranks and against the gold scorer's order.
+Outputs: ``ckpt/``, ``metrics.jsonl``, ``tensorboard/``, ``reward.png``, ``summary.json``, ``final/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import common
+from rlhf_jax import losses, parallel, rl
+from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.data import batching, comparisons
+from rlhf_jax.metrics import MetricsWriter, plot_curves, read_metrics
+from rlhf_jax.models.transformer import positions_from_mask
+from rlhf_jax.runs import load_bundle, load_params_into, save_bundle, write_summary
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Reward-model training."""
+    workdir: str = "runs/default/reward"
+    sft_dir: str = "runs/default/sft/final"
+    """Backbone initialisation (an SFT run's ``final/``)."""
+    comparisons_dir: str = "runs/default/collect"
+    """Folder with ``train.jsonl`` / ``eval.jsonl`` comparisons."""
+    normalize_policy: str = "sft/final"
+    """Responses whose scores are normalised to mean 0, std 1: the comparisons' policy names
+    starting with this (the SFT policy's samples)."""
+    loss: str = "ranking"
+    """``ranking`` (all K(K-1)/2 pairs, InstructGPT) or ``best_of_k`` (lm-human-preferences)."""
+    max_len: int = 48
+    """Tokens of prompt + response + EOS."""
+    batch_size: int = 32
+    """Prompts per step (each with K responses)."""
+    epochs: int = 2
+    learning_rate: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    compute_dtype: str = "bfloat16"
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+
+
+PRESETS: dict[str, Config] = {
+    "default": Config(),
+    "tiny": Config(workdir="runs/tiny/reward", sft_dir="runs/tiny/sft/final",
+                   comparisons_dir="runs/tiny/collect", max_len=24, batch_size=8, epochs=2,
+                   checkpoint_every=2, log_every=1, compute_dtype="float32"),
+    "smollm2": Config(workdir="runs/smollm2/reward", sft_dir="runs/smollm2/sft/final",
+                      comparisons_dir="runs/smollm2/collect", max_len=80, batch_size=16,
+                      learning_rate=1e-5),
+}
+
+
+def make_steps(graphdef, tx, loss: str):
+    """``(train_step, score_fn)`` for ``tokens/mask [B, K, T]`` + ``ranks/valid [B, K]`` batches."""
+
+    def scores(params, tokens_bkt, mask_bkt):
+        b, k, t = tokens_bkt.shape
+        tokens, mask = tokens_bkt.reshape(b * k, t), mask_bkt.reshape(b * k, t)
+        rm = nnx.merge(graphdef, params)
+        values_nt = rm(tokens, positions_from_mask(mask), mask)
+        last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)  # the EOS the data appended
+        return jnp.take_along_axis(values_nt, last[:, None], axis=1)[:, 0].reshape(b, k)
+
+    def loss_fn(params, batch):
+        r_bk = scores(params, batch["tokens"], batch["mask"])
+        if loss == "ranking":
+            return losses.ranking_loss(r_bk, batch["ranks"], batch["valid"])
+        best = jnp.argmin(jnp.where(batch["valid"], batch["ranks"], jnp.iinfo(jnp.int32).max), 1)
+        return losses.best_of_k_loss(r_bk, best, batch["valid"])
+
+    def train_step(params, opt_state, batch):
+        (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        m["rm/grad_norm"] = optax.global_norm(grads)
+        return optax.apply_updates(params, updates), opt_state, m
+
+    return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(scores)
+
+
+def score_split(score_fn, params, source, tok, cfg: Config, mesh) -> tuple[np.ndarray, list]:
+    """RM scores ``[N, K]`` of every example of a comparisons split, in order, and the records."""
+    n_dev = mesh.shape[parallel.DATA]
+    bs = max(n_dev, cfg.batch_size - cfg.batch_size % n_dev)
+    b = batching.comparison_batches(source, tok, max_len=cfg.max_len, overlong="truncate",
+                                    cfg=batching.LoaderConfig(bs, shuffle=False,
+                                                              drop_remainder=False,
+                                                              shard_by_process=False))
+    out = []
+    for batch in b:
+        x = batching.arrays_only(batch)
+        n = len(x["tokens"])
+        pad = (-n) % n_dev
+        t, m = (np.concatenate([x[k], x[k][:1].repeat(pad, 0)]) for k in ("tokens", "mask"))
+        out.append(np.asarray(score_fn(params, *parallel.shard_batch((t, m), mesh)))[:n])
+    records = [comparisons.decode_comparison(source[i]) for i in range(len(source))]
+    return np.concatenate(out), records
+
+
+def pairwise_accuracy(scores_nk: np.ndarray, order_nk: np.ndarray, higher_is_better: bool) -> float:
+    """Fraction of untied pairs ordered like ``order`` (ranks: lower better; gold: higher)."""
+    i, j = np.triu_indices(scores_nk.shape[1], 1)
+    o = order_nk if higher_is_better else -order_nk
+    untied = o[:, i] != o[:, j]
+    agree = (scores_nk[:, i] > scores_nk[:, j]) == (o[:, i] > o[:, j])
+    return float(agree[untied].mean())
+
+
+def train(cfg: Config) -> dict:
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = parallel.make_mesh()
+    rm, mcfg, tok, _ = load_bundle(cfg.sft_dir, kind="scalar", compute_dtype=cfg.compute_dtype)
+    _, sources = comparisons.build_comparisons(cfg.comparisons_dir, str(workdir / "tfds"))
+    train_src = sources["train"]
+    k = len(comparisons.decode_comparison(train_src[0])["responses"])
+    loader = common.StatefulBatches(batching.comparison_batches(
+        train_src, tok, max_len=cfg.max_len, num_responses=k, overlong="truncate",
+        cfg=batching.LoaderConfig(cfg.batch_size, seed=cfg.seed, num_epochs=None)))
+    steps = max(1, cfg.epochs * len(train_src) // cfg.batch_size)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+                                                  max(steps, cfg.warmup_steps + 1))
+    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                     optax.adamw(schedule, weight_decay=cfg.weight_decay))
+    graphdef, params = nnx.split(rm)
+    params = parallel.replicate(params, mesh)
+    opt_state = parallel.replicate(tx.init(params), mesh)
+    train_step, score_fn = make_steps(graphdef, tx, cfg.loss)
+
+    ckpt = Checkpointer(workdir / "ckpt")
+    start = 0
+    if ckpt.latest_step() is not None:  # resume > init-from > scratch
+        (params, opt_state), meta = ckpt.restore((params, opt_state))
+        start = meta["step"]
+        loader.set_state(meta["data"])
+        print(f"[reward] resumed from step {start}")
+    writer = MetricsWriter(workdir, total_steps=steps, initial_step=start, desc="reward",
+                           show=("rm/loss", "rm/accuracy"))
+    for step in range(start + 1, steps + 1):
+        batch = batching.arrays_only(loader.next())
+        batch = parallel.shard_batch({key: batch[key] for key in ("tokens", "mask", "ranks",
+                                                                  "valid")}, mesh)
+        params, opt_state, metrics = train_step(params, opt_state, batch)
+        if step % cfg.log_every == 0 or step == steps:
+            writer.write(step, metrics)
+        writer.advance()
+        if step % cfg.checkpoint_every == 0 or step == steps:
+            ckpt.save(step, (params, opt_state), {"step": step, "data": loader.get_state()})
+    writer.close()
+    ckpt.close()
+    print(loader.batches.report.summary())
+
+    # Held-out accuracy, then reward normalisation on the SFT policy's samples.
+    summary = {"stage": "reward", "steps": steps, "loss": cfg.loss, "config": dataclasses.asdict(cfg)}
+    for split in sources:
+        s, recs = score_split(score_fn, params, sources[split], tok, cfg, mesh)
+        ranks = np.array([r["ranks"] for r in recs])
+        summary[f"{split}/accuracy_vs_labeler"] = pairwise_accuracy(s, ranks, False)
+        if all("gold_scores" in r for r in recs):
+            gold = np.array([r["gold_scores"] for r in recs])
+            summary[f"{split}/accuracy_vs_gold"] = pairwise_accuracy(s, gold, True)
+        if split == "train":
+            cols = [j for j, p in enumerate(recs[0]["policies"]) if p.startswith(cfg.normalize_policy)]
+            ref = s[:, cols or list(range(s.shape[1]))].reshape(-1)
+    params = jax.device_get(params)
+    head = params["head"]
+    gain, bias = rl.normalization_gain_bias(jnp.asarray(ref), head["gain"][...], head["bias"][...])
+    summary["normalization"] = {"before_mean": float(ref.mean()), "before_std": float(ref.std()),
+                                "gain": float(gain), "bias": float(bias)}
+    pure = params.to_pure_dict()
+    pure["head"]["gain"], pure["head"]["bias"] = np.asarray(gain), np.asarray(bias)
+    load_params_into(rm, pure)
+    save_bundle(workdir / "final", rm, mcfg, tok, kind="scalar", head_init="reward",
+                extra={"stage": "reward"})
+    rows = read_metrics(workdir / "metrics.jsonl")
+    plot_curves(rows, [("Bradley–Terry loss", "rm/loss"), ("train pair accuracy", "rm/accuracy")],
+                workdir / "reward.png", title="reward model")
+    write_summary(workdir, summary)
+    print(f"[reward] held-out accuracy vs labeler {summary.get('eval/accuracy_vs_labeler', 0):.3f}"
+          f", vs gold {summary.get('eval/accuracy_vs_gold', float('nan')):.3f}")
+    return summary
+
+
+if __name__ == "__main__":
+    train(common.parse(Config, PRESETS))

@@ -1,0 +1,194 @@
+"""Stage 1 — supervised fine-tuning / language modelling on demonstrations.
+
+For the embedded default task the "demonstrations" are IMDB reviews: a small GPT-2-architecture model
+(byte-level BPE trained on the same reviews) learns to continue movie reviews. With ``--init-from``
+an existing model (Hugging Face directory, GGUF file, or a previous run's ``final/``) is fine-tuned
+instead of trained from scratch.
+
+Run::
+
+    python -m experiments.sft --preset default --workdir runs/default/sft
+
+Outputs in the workdir: ``ckpt/`` (resumable), ``metrics.jsonl``, ``tensorboard/``, ``loss.png``,
+``summary.json``, ``final/`` (the model bundle the next stages start from) and ``half/`` (the
+checkpoint at half the steps, a second "LM" for the comparison collection).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import common
+from rlhf_jax import losses, parallel
+from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.data import batching
+from rlhf_jax.metrics import MetricsWriter, plot_curves, read_metrics
+from rlhf_jax.models.transformer import positions_from_mask
+from rlhf_jax.runs import load_params_into, params_of, save_bundle, write_summary
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """SFT / LM training."""
+    workdir: str = "runs/default/sft"
+    """Output folder (resumed from if it holds a checkpoint)."""
+    model: str = "imdb-small"
+    """Architecture preset (``experiments.common.MODELS``) when training from scratch."""
+    init_from: str | None = None
+    """Start from these weights: a HF model dir, a .gguf file, ``smollm2``, or a run's ``final/``."""
+    tokenizer: str = "bpe"
+    """``bpe`` trains a byte-level BPE on the training texts; else a tokenizer spec (``gpt2``, …)."""
+    vocab_size: int = 8192
+    """Vocabulary of the trained BPE."""
+    data_dir: str | None = None
+    """TFDS data dir (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``)."""
+    max_train_texts: int | None = None
+    """Use only the first N training reviews (None: all ~20k)."""
+    seq_len: int = 128
+    """Tokens per packed row."""
+    batch_size: int = 32
+    """Rows per step (split over all devices)."""
+    steps: int = 600
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    compute_dtype: str = "bfloat16"
+    """Matmul dtype (f32 accumulation); ``float32`` for exactness."""
+    eval_batches: int = 8
+    """Held-out batches for the final validation loss."""
+    checkpoint_every: int = 200
+    log_every: int = 20
+    seed: int = 0
+
+
+PRESETS: dict[str, Config] = {
+    "default": Config(),
+    "tiny": Config(model="tiny-imdb", vocab_size=512, max_train_texts=400, seq_len=64,
+                   batch_size=8, steps=8, warmup_steps=2, eval_batches=2, checkpoint_every=4,
+                   log_every=2, compute_dtype="float32", workdir="runs/tiny/sft"),
+    "smollm2": Config(init_from="smollm2", model="smollm2-135m", tokenizer="smollm2", seq_len=256,
+                      batch_size=8, steps=200, learning_rate=2e-5, warmup_steps=20,
+                      workdir="runs/smollm2/sft"),
+}
+
+
+def make_train_step(graphdef, tx):
+    """One jitted SFT step over a ``{"tokens", "mask", "loss_mask"}`` batch of ``[B, T]`` arrays."""
+
+    def loss_fn(params, batch):
+        model = nnx.merge(graphdef, params)
+        logits, _, _ = model(batch["tokens"], positions_from_mask(batch["mask"]), batch["mask"])
+        return losses.lm_loss(logits, batch["tokens"], batch["loss_mask"])
+
+    def eval_step(params, batch):
+        return loss_fn(params, batch)[1]
+
+    def train_step(params, opt_state, batch):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        metrics["lm/grad_norm"] = optax.global_norm(grads)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_step)
+
+
+def make_optimizer(cfg: Config):
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+                                                  max(cfg.steps, cfg.warmup_steps + 1),
+                                                  end_value=cfg.learning_rate * 0.1)
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay))
+
+
+def train(cfg: Config) -> dict:
+    """Trains (or resumes) and returns the summary dict (also written to ``summary.json``)."""
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = parallel.make_mesh()
+    sources = common.imdb_sources(cfg.data_dir)
+    texts_train = common.texts_of(sources["lm"], cfg.max_train_texts)
+    model, model_cfg, tokenizer = common.init_lm(cfg.model, cfg.init_from, cfg.tokenizer,
+                                                 cfg.vocab_size, texts_train, cfg.compute_dtype,
+                                                 cfg.seed, workdir)
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len "
+                         f"{model_cfg.max_seq_len}")
+    train_src = [{"text": t} for t in texts_train]
+    loader = common.StatefulBatches(batching.lm_batches(
+        train_src, tokenizer, max_len=cfg.seq_len,
+        cfg=batching.LoaderConfig(cfg.batch_size, seed=cfg.seed, num_epochs=None)))
+    eval_rows = common.StatefulBatches(batching.lm_batches(
+        sources["eval"], tokenizer, max_len=cfg.seq_len,
+        cfg=batching.LoaderConfig(cfg.batch_size, shuffle=False, num_epochs=None)))
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = make_optimizer(cfg)
+    params = parallel.replicate(params, mesh)
+    opt_state = parallel.replicate(tx.init(params), mesh)
+    train_step, eval_step = make_train_step(graphdef, tx)
+
+    ckpt = Checkpointer(workdir / "ckpt")
+    start = 0
+    if ckpt.latest_step() is not None:  # resume > init-from > scratch
+        (params, opt_state), meta = ckpt.restore((params, opt_state))
+        start = meta["step"]
+        loader.set_state(meta["data"])
+        print(f"[sft] resumed from step {start}")
+
+    def save_model(sub):
+        load_params_into(model, params_of_state(params))
+        save_bundle(workdir / sub, model, model_cfg, tokenizer, kind="lm",
+                    extra={"stage": "sft", "step": step})
+
+    def params_of_state(p):
+        return jax.device_get(p.to_pure_dict())
+
+    writer = MetricsWriter(workdir, total_steps=cfg.steps, initial_step=start, desc="sft",
+                           show=("lm/loss", "lm/accuracy"))
+    t0, tokens_seen = time.perf_counter(), 0
+    step = start
+    for step in range(start + 1, cfg.steps + 1):
+        batch = parallel.shard_batch(batching.arrays_only(loader.next()), mesh)
+        params, opt_state, metrics = train_step(params, opt_state, batch)
+        tokens_seen += cfg.batch_size * cfg.seq_len
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics["perf/tokens_per_s"] = tokens_seen / (time.perf_counter() - t0)
+            writer.write(step, metrics)
+        writer.advance()
+        if step == cfg.steps // 2 and not (workdir / "half" / "model.json").exists():
+            save_model("half")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            ckpt.save(step, (params, opt_state), {"step": step, "data": loader.get_state()})
+    writer.close()
+    ckpt.close()
+
+    evals = [jax.device_get(eval_step(params, parallel.shard_batch(
+        batching.arrays_only(eval_rows.next()), mesh)))
+             for _ in range(cfg.eval_batches)]
+    eval_loss = float(np.mean([e["lm/loss"] for e in evals]))
+    save_model("final")
+    rows = read_metrics(workdir / "metrics.jsonl")
+    plot_curves(rows, [("LM loss (train)", "lm/loss"), ("next-token accuracy", "lm/accuracy")],
+                workdir / "loss.png", title="SFT")
+    summary = {
+        "stage": "sft", "steps": cfg.steps, "params": common.count_params(params),
+        "train_loss": rows[-1]["lm/loss"] if rows else None,
+        "eval_loss": eval_loss, "eval_perplexity": math.exp(eval_loss),
+        "vocab_size": model_cfg.vocab_size, "config": dataclasses.asdict(cfg),
+    }
+    write_summary(workdir, summary)
+    print(f"[sft] eval loss {eval_loss:.3f} (ppl {math.exp(eval_loss):.1f}) -> {workdir}/final")
+    return summary
+
+
+if __name__ == "__main__":
+    train(common.parse(Config, PRESETS))
