@@ -44,8 +44,8 @@ def test_masked_stats_hand():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_masked_stats_numpy_reference(seed):
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(5, 7)).astype(np.float32) * 3 + 1
-    _, m = _lengths_mask(rng, 5, 7)
+    x = rng.normal(size=(4, 7)).astype(np.float32) * 3 + 1
+    _, m = _lengths_mask(rng, 4, 7)
     vals = x[m]
     np.testing.assert_allclose(rl.masked_mean(x, m), vals.mean(), rtol=1e-5)
     np.testing.assert_allclose(rl.masked_var(x, m), vals.var(ddof=1), rtol=1e-5)
@@ -54,23 +54,23 @@ def test_masked_stats_numpy_reference(seed):
     ref = (x - vals.mean()) / np.sqrt(vals.var(ddof=1) + 1e-8)
     np.testing.assert_allclose(w[m], ref[m], rtol=1e-4, atol=1e-5)
     assert np.all(w[~m] == 0)
-    rows = [x[i][m[i]].mean() if m[i].any() else 0.0 for i in range(5)]
+    rows = [x[i][m[i]].mean() if m[i].any() else 0.0 for i in range(4)]
     np.testing.assert_allclose(rl.masked_mean(x, m, axis=1), rows, rtol=1e-5)
 
 
 def test_masked_stats_padding_is_ignored():
     # masked == sliced, and garbage (NaN, inf) in padding cannot leak into the result
     rng = np.random.default_rng(3)
-    x = rng.normal(size=(3, 4)).astype(np.float32)
-    xp = np.concatenate([x, np.full((3, 2), np.nan, np.float32)], axis=1)
-    xp[0, 4] = np.inf
-    mp = np.concatenate([np.ones((3, 4), bool), np.zeros((3, 2), bool)], axis=1)
-    m = np.ones((3, 4), bool)
+    x = rng.normal(size=(4, 7)).astype(np.float32)
+    xp = np.concatenate([x, np.full((4, 3), np.nan, np.float32)], axis=1)
+    xp[0, 7] = np.inf
+    mp = np.concatenate([np.ones((4, 7), bool), np.zeros((4, 3), bool)], axis=1)
+    m = np.ones((4, 7), bool)
     for fn in (rl.masked_mean, rl.masked_var, rl.masked_sum):
         np.testing.assert_allclose(fn(xp, mp), fn(x, m), rtol=1e-6)
-    np.testing.assert_allclose(rl.masked_whiten(xp, mp)[:, :4], rl.masked_whiten(x, m), rtol=1e-6)
+    np.testing.assert_allclose(rl.masked_whiten(xp, mp)[:, :7], rl.masked_whiten(x, m), rtol=1e-6)
     g = jax.grad(lambda a: rl.masked_var(a, mp) + rl.masked_whiten(a, mp).sum())(jnp.asarray(xp))
-    assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[:, 4:] == 0)
+    assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[:, 7:] == 0)
 
 
 @pytest.mark.parametrize("fn", [rl.masked_mean, rl.masked_var, rl.masked_sum, rl.masked_whiten,
@@ -92,9 +92,9 @@ def test_masked_stats_single_element_and_float_mask():
 
 def test_masked_stats_grads():
     rng = np.random.default_rng(4)
-    _, m = _lengths_mask(rng, 3, 5, min_len=2)
+    _, m = _lengths_mask(rng, 4, 7, min_len=2)
     with jax.enable_x64(True):
-        x = jnp.asarray(rng.normal(size=(3, 5)))
+        x = jnp.asarray(rng.normal(size=(4, 7)))
         check_grads(jax.jit(lambda a: rl.masked_mean(a, m)), (x,), order=1, modes=("rev", "fwd"))
         check_grads(jax.jit(lambda a: rl.masked_var(a, m)), (x,), order=1, modes=("rev",))
         check_grads(jax.jit(lambda a: rl.masked_whiten(a, m)), (x,), order=1, modes=("rev",))
@@ -102,9 +102,9 @@ def test_masked_stats_grads():
 
 def test_explained_variance():
     rng = np.random.default_rng(5)
-    target = rng.normal(size=(3, 6)).astype(np.float32)
-    pred = target + 0.3 * rng.normal(size=(3, 6)).astype(np.float32)
-    _, m = _lengths_mask(rng, 3, 6)
+    target = rng.normal(size=(4, 7)).astype(np.float32)
+    pred = target + 0.3 * rng.normal(size=(4, 7)).astype(np.float32)
+    _, m = _lengths_mask(rng, 4, 7)
     t, p = target[m], pred[m]
     np.testing.assert_allclose(rl.explained_variance(pred, target, m),
                                1 - np.var(t - p) / np.var(t), rtol=1e-5)
@@ -162,7 +162,7 @@ def test_gae_lambda_one_is_discounted_return():
 @pytest.mark.parametrize("seed,gamma,lam", [(0, 0.99, 0.95)])
 def test_gae_numpy_reference_and_sliced(seed, gamma, lam):
     rng = np.random.default_rng(seed)
-    b, t = 5, 9
+    b, t = 4, 7
     lengths, m = _lengths_mask(rng, b, t)
     r = rng.normal(size=(b, t)).astype(np.float32)
     v = rng.normal(size=(b, t)).astype(np.float32)
@@ -184,10 +184,10 @@ def test_gae_numpy_reference_and_sliced(seed, gamma, lam):
 
 def test_gae_grads():
     rng = np.random.default_rng(2)
-    _, m = _lengths_mask(rng, 3, 5)
+    _, m = _lengths_mask(rng, 4, 7)
     with jax.enable_x64(True):
-        r = jnp.asarray(rng.normal(size=(3, 5)))
-        v = jnp.asarray(rng.normal(size=(3, 5)))
+        r = jnp.asarray(rng.normal(size=(4, 7)))
+        v = jnp.asarray(rng.normal(size=(4, 7)))
         check_grads(jax.jit(lambda a, b: rl.gae(a, b, m, 0.9, 0.8)), (r, v), order=1,
                     modes=("rev",))
 
@@ -205,8 +205,8 @@ def test_kl_estimate_hand():
 
 def test_kl_estimate_numpy_reference():
     rng = np.random.default_rng(0)
-    logp = -rng.exponential(size=(4, 6)).astype(np.float32)
-    ref = -rng.exponential(size=(4, 6)).astype(np.float32)
+    logp = -rng.exponential(size=(4, 7)).astype(np.float32)
+    ref = -rng.exponential(size=(4, 7)).astype(np.float32)
     lr = ref.astype(np.float64) - logp
     np.testing.assert_allclose(rl.kl_estimate(logp, ref, "k1"), -lr, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(rl.kl_estimate(logp, ref, "k2"), lr**2 / 2, rtol=1e-5, atol=1e-6)
@@ -261,7 +261,7 @@ def test_kl_shaped_rewards_hand():
 @pytest.mark.parametrize("estimator", rl.KL_ESTIMATORS)
 def test_kl_shaped_rewards_numpy_reference(estimator):
     rng = np.random.default_rng(1)
-    b, t = 5, 7
+    b, t = 4, 7
     lengths, m = _lengths_mask(rng, b, t)
     logp = -rng.exponential(size=(b, t)).astype(np.float32)
     ref = -rng.exponential(size=(b, t)).astype(np.float32)
