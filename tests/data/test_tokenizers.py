@@ -129,7 +129,8 @@ def test_from_hf_dir_saved_by_transformers(hf_gpt2, gpt2, tmp_path):
 def test_from_hf_dir_vocab_merges_and_config_ids(gpt2_files, gpt2, tmp_path):
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(gpt2_files / name, tmp_path / name)
-    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 50256, "bos_token_id": 50256}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"eos_token_id": 50256, "bos_token_id": 50256}))
     tok = tk.from_hf_dir(tmp_path)
     assert (tok.eos_id, tok.bos_id, tok.pad_id) == (50256, 50256, 50256)
     for text in TEXTS:

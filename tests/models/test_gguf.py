@@ -11,7 +11,10 @@ gguf = pytest.importorskip("gguf")
 L, D, N, KV, F = 2, 64, 4, 2, 96
 HD = D // N
 THETA, EPS = 5000.0, 1e-6
-TEXTS = ["hello world, hello tokens!", "ünïcödé 🤗 and 12345 digits", "<|im_start|>user\nhi<|im_end|>"]
+TEXTS = [
+    "hello world, hello tokens!", "ünïcödé 🤗 and 12345 digits",
+    "<|im_start|>user\nhi<|im_end|>"
+]
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -52,12 +55,17 @@ def hf_tensors(source_tokenizer):
     return t
 
 
-GGUF_NAMES = {"self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-              "self_attn.v_proj.weight": "attn_v.weight",
-              "self_attn.o_proj.weight": "attn_output.weight",
-              "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-              "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
-              "post_attention_layernorm.weight": "ffn_norm.weight"}
+GGUF_NAMES = {  # HF block suffix -> GGUF block suffix (llama.cpp's tensor names)
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
 
 
 def to_gguf_tensors(hf):
@@ -151,7 +159,8 @@ def test_tensors_round_trip_exactly(tiny_gguf, hf_tensors):
 
 def test_permutations_are_inverse():
     w = np.arange(6 * 8 * 3).reshape(6 * 8, 3)
-    np.testing.assert_array_equal(gg.permute_rope_gguf_to_hf(gg.permute_rope_hf_to_gguf(w, 6), 6), w)
+    there = gg.permute_rope_hf_to_gguf(w, 6)
+    np.testing.assert_array_equal(gg.permute_rope_gguf_to_hf(there, 6), w)
     np.testing.assert_array_equal(gg.permute_rope_hf_to_gguf(w, 6), llama_cpp_permute(w, 6))
     with pytest.raises(ValueError, match="heads of even size"):
         gg.permute_rope_gguf_to_hf(np.zeros((6 * 3, 2)), 6)
@@ -281,3 +290,28 @@ def test_smollm2_says_paris():
         assert tok.decode(tok.encode(text), skip_special=False) == text
     reply = chat.chat(["What is the capital of France?"], model="smollm2", max_new_tokens=24)[0]
     assert "Paris" in reply, reply
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers():
+    """Our Flax port of the dequantised GGUF == transformers' LlamaForCausalLM, same tensors."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import jax.numpy as jnp
+
+    from rlhf_jax.models import chat
+    cfg, tensors = gg.read_gguf(gg.smollm2_path())
+    _, lm, tok = chat.load("smollm2")
+    ids = tok.encode("The movie was a delight from start to finish, and the score 10/10.")
+    t = len(ids)
+    ours = np.asarray(lm(jnp.asarray([ids], jnp.int32), jnp.arange(t, dtype=jnp.int32)[None],
+                         jnp.ones((1, t), bool))[0][0])
+    ref_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **{k: v for k, v in cfg.items() if not k.startswith("_")})).eval()
+    result = ref_model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()},
+                                       strict=False)
+    assert list(result.missing_keys) == ["lm_head.weight"] and not result.unexpected_keys  # tied
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=1e-3)
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
