@@ -1,8 +1,8 @@
-"""Decoder transformers (GPT-2 / Llama families), KV cache, scalar heads, HF weight import/export."""
+"""Decoder transformers (GPT-2 / Llama families), KV cache, scalar heads, HF weights in/out."""
 from rlhf_jax.models.config import ModelConfig, PRESETS
 from rlhf_jax.models.heads import ScalarHead, ScalarModel
 from rlhf_jax.models.hf import from_hf, load_pretrained, save_pretrained
-from rlhf_jax.models.transformer import KVCache, Transformer, init_cache, positions_from_mask
+from rlhf_jax.models.transformer import init_cache, KVCache, positions_from_mask, Transformer
 
 __all__ = [
     "ModelConfig", "PRESETS", "KVCache", "Transformer", "init_cache", "positions_from_mask",

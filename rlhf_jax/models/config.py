@@ -22,7 +22,7 @@ class ModelConfig:
       num_layers: number of transformer blocks.
       d_model: D, width of the residual stream.
       num_heads: N, query heads.
-      num_kv_heads: key/value heads; ``== num_heads`` for GPT-2, smaller for grouped-query attention.
+      num_kv_heads: key/value heads; ``== num_heads`` for GPT-2, fewer for grouped-query attention.
       mlp_dim: hidden width of the MLP.
       max_seq_len: size of GPT-2's learned position table; the context limit for Llama.
       norm_eps: epsilon of LayerNorm / RMSNorm.

@@ -25,8 +25,8 @@ class ScalarHead(nnx.Module):
 
     Args:
       d_model: D.
-      init: ``"reward"`` (``w ~ N(0, 1/(D+1))``) or ``"value"`` (``w = 0``); ``b = 0``, ``gain = 1``,
-        ``bias = 0`` either way.
+      init: ``"reward"`` (``w ~ N(0, 1/(D+1))``) or ``"value"`` (``w = 0``); ``b = 0``,
+        ``gain = 1``, ``bias = 0`` either way.
       rngs: the ``params`` stream draws ``w`` for the reward init.
     """
 

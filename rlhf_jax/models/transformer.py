@@ -218,7 +218,8 @@ class MLP(nnx.Module):
         up = _mm("btd,df->btf", x_btd, self.up[...], dtype)
         if self.gate is None:
             hidden = jax.nn.gelu(up + self.up_bias[...][None, None], approximate=True)
-            return _mm("btf,fd->btd", hidden, self.down[...], dtype) + self.down_bias[...][None, None]
+            out = _mm("btf,fd->btd", hidden, self.down[...], dtype)
+            return out + self.down_bias[...][None, None]
         hidden = jax.nn.silu(_mm("btd,df->btf", x_btd, self.gate[...], dtype)) * up
         return _mm("btf,fd->btd", hidden, self.down[...], dtype)
 
@@ -291,8 +292,8 @@ class Transformer(nnx.Module):
                                                             0, None)
         else:
             if cache.k.shape[1] != b or cache.k.shape[2] < t:
-                raise ValueError(f"Transformer: cache k {cache.k.shape} [L, B, S, K, H] does not fit "
-                                 f"a chunk of B={b}, T={t}")
+                raise ValueError(f"Transformer: cache k {cache.k.shape} [L, B, S, K, H] does not "
+                                 f"fit a chunk of B={b}, T={t}")
             index = cache.index
             key_mask_bs = lax.dynamic_update_slice(cache.mask, mask_bt, (0, index))
             q_slot, k_slot = index + jnp.arange(t), jnp.arange(cache.k.shape[2])

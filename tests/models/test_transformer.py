@@ -8,7 +8,7 @@ import pytest
 
 from rlhf_jax.models.config import ModelConfig, PRESETS
 from rlhf_jax.models.heads import ScalarHead, ScalarModel
-from rlhf_jax.models.transformer import (attend, init_cache, positions_from_mask, Transformer)
+from rlhf_jax.models.transformer import attend, init_cache, positions_from_mask, Transformer
 
 FAMILIES = ["tiny", "tiny-llama"]
 B, T, PROMPT = 3, 12, 7
@@ -17,6 +17,14 @@ B, T, PROMPT = 3, 12, 7
 @pytest.fixture(scope="module", params=FAMILIES)
 def model(request):
     return Transformer(PRESETS[request.param], rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def fwd(model):
+    """Jitted functional forward ``(tokens, pos, mask) -> (logits, hidden)`` of ``model``."""
+    graphdef, state = nnx.split(model)
+    f = jax.jit(lambda s, t, p, m: nnx.merge(graphdef, s)(t, p, m)[:2])
+    return lambda t, p, m: f(state, t, p, m)
 
 
 @pytest.fixture(scope="module")
@@ -61,20 +69,31 @@ def test_attend_matches_numpy_loop_with_gqa():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_left_padding_equals_unpadded_row(model, batch):
+def test_eager_forward_shapes_and_jit_equality(model, fwd, batch):
     tokens, mask, pos = batch
     logits, hidden, cache = model(tokens, pos, mask)
     assert cache is None and logits.dtype == jnp.float32 and hidden.dtype == jnp.float32
     assert logits.shape == (B, T, model.cfg.vocab_size) and hidden.shape == (B, T, 64)
     assert bool(jnp.isfinite(logits).all())  # pad rows included
+    jit_logits, jit_hidden = fwd(tokens, pos, mask)
+    np.testing.assert_allclose(jit_logits, logits, atol=1e-5)
+    np.testing.assert_allclose(jit_hidden, hidden, atol=1e-5)
+    no_logits, hidden2, _ = model(tokens, pos, mask, compute_logits=False)
+    assert no_logits is None
+    np.testing.assert_array_equal(hidden2, hidden)
+
+
+def test_left_padding_equals_unpadded_row(fwd, batch):
+    tokens, mask, pos = batch
+    logits, _ = fwd(tokens, pos, mask)
     # Row 0 without its 3 pads: the real positions must give identical logits (masked == sliced).
-    alone, _, _ = model(tokens[:1, 3:], pos[:1, 3:], mask[:1, 3:])
+    alone, _ = fwd(tokens[:, 3:], pos[:, 3:], mask[:, 3:])
     np.testing.assert_allclose(logits[0, 3:], alone[0], atol=1e-5)
     # The pads are really ignored: changing pad tokens does not move real logits.
-    other, _, _ = model(tokens.at[0, :3].set(5), pos, mask)
+    other, _ = fwd(tokens.at[0, :3].set(5), pos, mask)
     assert _masked_max_err(other, logits, mask) < 1e-5
     # Causality: changing the last token does not move earlier logits, but moves the last.
-    changed, _, _ = model(tokens.at[:, -1].add(1), pos, mask)
+    changed, _ = fwd(tokens.at[:, -1].add(1), pos, mask)
     assert _masked_max_err(changed[:, :-1], logits[:, :-1], mask[:, :-1]) < 1e-5
     assert float(jnp.abs(changed[:, -1] - logits[:, -1]).max()) > 1e-4
 
@@ -89,9 +108,9 @@ def _incremental(model, tokens, mask, pos, cache):
     return jnp.concatenate(outs, axis=1), cache
 
 
-def test_kv_cache_matches_full_forward_eager(model, batch):
+def test_kv_cache_matches_full_forward_eager(model, fwd, batch):
     tokens, mask, pos = batch
-    full, _, _ = model(tokens, pos, mask)
+    full, _ = fwd(tokens, pos, mask)
     inc, cache = _incremental(model, tokens, mask, pos, init_cache(model.cfg, B, T + 4))
     assert int(cache.index) == T
     np.testing.assert_array_equal(cache.mask[:, :T], mask)
@@ -99,10 +118,10 @@ def test_kv_cache_matches_full_forward_eager(model, batch):
     assert _masked_max_err(inc, full, mask) < 1e-4
 
 
-def test_kv_cache_matches_full_forward_jit_while_loop(model, batch):
+def test_kv_cache_matches_full_forward_jit_while_loop(model, fwd, batch):
     """Functional use as a sampler does it: split once, merge inside jit and a fori_loop body."""
     tokens, mask, pos = batch
-    full, _, _ = model(tokens, pos, mask)
+    full, _ = fwd(tokens, pos, mask)
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -126,12 +145,12 @@ def test_kv_cache_matches_full_forward_jit_while_loop(model, batch):
     assert _masked_max_err(out, full, mask) < 1e-4
 
 
-def test_bf16_compute_close_to_f32(model, batch):
+def test_bf16_compute_close_to_f32(model, fwd, batch):
     tokens, mask, pos = batch
-    full, _, _ = model(tokens, pos, mask)
+    full, _ = fwd(tokens, pos, mask)
     bf16 = Transformer(model.cfg.replace(compute_dtype="bfloat16"), rngs=nnx.Rngs(1))
     nnx.update(bf16, nnx.state(model))
-    lg, _, _ = bf16(tokens, pos, mask)
+    lg, _, _ = nnx.jit(lambda m: m(tokens, pos, mask))(bf16)
     assert lg.dtype == jnp.float32 and bool(jnp.isfinite(lg).all())
     err = _masked_max_err(lg, full, mask)
     assert 0 < err < 0.05 * float(jnp.abs(full).max()) + 1e-2
@@ -184,12 +203,12 @@ def test_scalar_head_gain_bias_formula():
     np.testing.assert_allclose(head(jnp.asarray(h)), want, rtol=1e-6)
 
 
-def test_scalar_model_from_lm_uses_lm_hidden(model, batch):
+def test_scalar_model_from_lm_uses_lm_hidden(model, fwd, batch):
     tokens, mask, pos = batch
     sm = ScalarModel.from_lm(model, "reward", nnx.Rngs(3))
-    values = sm(tokens, pos, mask)
+    values = nnx.jit(lambda m: m(tokens, pos, mask))(sm)
     assert values.shape == (B, T)
-    _, hidden, _ = model(tokens, pos, mask)
+    _, hidden = fwd(tokens, pos, mask)
     want = jnp.einsum("btd,d->bt", hidden, sm.head.w[...])
     np.testing.assert_allclose(values, want, atol=1e-5)
     # A copy, not an alias: training the scalar model leaves the LM untouched.
