@@ -2,9 +2,9 @@
 and PPO (clipped policy and value losses), plus token log-probs and entropy from logits.
 
 Every loss takes arrays (never a model) and returns ``(loss, metrics)`` where ``metrics`` is a flat
-dict of scalars with namespaced keys (``lm/…``, ``rm/…``, ``ppo/…``, ``ppo/val/…``). Dimension names:
-``B`` batch, ``T`` tokens, ``V`` vocabulary, ``K`` responses per prompt. Masks are True on real
-entries; all token reductions are masked and fully masked inputs give 0, not NaN. Ranks are
+dict of scalars with namespaced keys (``lm/…``, ``rm/…``, ``ppo/…``, ``ppo/val/…``). Dimension
+names: ``B`` batch, ``T`` tokens, ``V`` vocabulary, ``K`` responses per prompt. Masks are True on
+real entries; all token reductions are masked and fully masked inputs give 0, not NaN. Ranks are
 checked: e.g. values ``[B, T, 1]`` against a ``[B, T]`` mask raise ``ValueError``.
 """
 from __future__ import annotations
@@ -13,11 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.rl import _bool
-from rlhf_jax.rl import check_shapes
-from rlhf_jax.rl import explained_variance
-from rlhf_jax.rl import masked_mean
-from rlhf_jax.rl import masked_var
+from rlhf_jax.rl import _bool, check_shapes, explained_variance, masked_mean, masked_var
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -160,9 +156,9 @@ def bradley_terry_loss(r_chosen: Array, r_rejected: Array, margin: float | Array
       mask: optional ``[B]``, True on real pairs (padding pairs are ignored).
 
     Returns:
-      ``(loss, metrics)`` with ``rm/loss``, ``rm/accuracy`` (fraction with ``r_chosen > r_rejected``,
-      ties 0.5), ``rm/reward_margin`` (mean ``r_chosen − r_rejected``), ``rm/chosen_mean``,
-      ``rm/rejected_mean``.
+      ``(loss, metrics)`` with ``rm/loss``, ``rm/accuracy`` (fraction with
+      ``r_chosen > r_rejected``, ties 0.5), ``rm/reward_margin`` (mean ``r_chosen − r_rejected``),
+      ``rm/chosen_mean``, ``rm/rejected_mean``.
     """
     specs = [("r_chosen", r_chosen, "B"), ("r_rejected", r_rejected, "B"),
              ("margin", margin, "B" if jnp.ndim(margin) else "")]
@@ -182,8 +178,8 @@ def bradley_terry_loss(r_chosen: Array, r_rejected: Array, margin: float | Array
     return loss, metrics
 
 
-def ranking_pairs(ranks: Array, valid: Array | None = None) -> tuple[np.ndarray, np.ndarray, Array,
-                                                                    Array]:
+def ranking_pairs(ranks: Array,
+                  valid: Array | None = None) -> tuple[np.ndarray, np.ndarray, Array, Array]:
     """All K·(K−1)/2 pairs implied by per-prompt rankings (InstructGPT §3.5).
 
     Args:
@@ -192,8 +188,8 @@ def ranking_pairs(ranks: Array, valid: Array | None = None) -> tuple[np.ndarray,
 
     Returns:
       ``(i, j, i_wins, pair_mask)``: ``i``, ``j`` are static ``[P]`` index arrays with ``i < j``
-      (``P = K(K−1)/2``); ``i_wins`` ``[B, P]`` is True where response ``i`` ranks better than ``j``;
-      ``pair_mask`` ``[B, P]`` is True where both responses are valid and not tied.
+      (``P = K(K−1)/2``); ``i_wins`` ``[B, P]`` is True where response ``i`` ranks better than
+      ``j``; ``pair_mask`` ``[B, P]`` is True where both responses are valid and not tied.
     """
     dims = check_shapes("ranking_pairs", [("ranks", ranks, "BK")] +
                         ([] if valid is None else [("valid", valid, "BK")]))

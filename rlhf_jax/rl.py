@@ -45,8 +45,8 @@ def check_shapes(fn: str, specs: Sequence[tuple[str, Any, str]]) -> dict[str, in
     """Checks ranks and named dimensions of arrays at a public boundary.
 
     Each spec is ``(argument_name, array, dims)`` where ``dims`` is a string with one letter per
-    axis (``"BT"``, ``"BTV"``, ``""`` for a scalar); ``_`` matches any size. A letter seen twice must
-    have the same size everywhere.
+    axis (``"BT"``, ``"BTV"``, ``""`` for a scalar); ``_`` matches any size. A letter seen twice
+    must have the same size everywhere.
 
     Args:
       fn: name of the calling function, used in the error message.
@@ -141,8 +141,8 @@ def masked_whiten(x: Array, mask: Array, shift_mean: bool = True, eps: float = 1
     """Masked whitening ``(x − μ) / sqrt(σ² + eps)`` with μ, σ² (unbiased) over real entries only.
 
     lm-human-preferences whitens advantages over the padded batch; here padding is excluded from the
-    statistics and set to 0 in the output. With ``shift_mean=False`` the mean is added back (used for
-    rewards: rescale without recentring).
+    statistics and set to 0 in the output. With ``shift_mean=False`` the mean is added back (used
+    for rewards: rescale without recentring).
 
     Args:
       x: array, e.g. advantages ``[B, T]``.
@@ -183,8 +183,8 @@ def explained_variance(pred: Array, target: Array, mask: Array) -> Array:
 
 def _check_same(fn: str, x: Array, mask: Array, xname: str = "x", mname: str = "mask") -> None:
     if tuple(jnp.shape(x)) != tuple(jnp.shape(mask)):
-        raise ValueError(f"{fn}: `{mname}` has shape {tuple(jnp.shape(mask))}; expected the shape of "
-                         f"`{xname}` {tuple(jnp.shape(x))} (no broadcasting)")
+        raise ValueError(f"{fn}: `{mname}` has shape {tuple(jnp.shape(mask))}; expected the shape "
+                         f"of `{xname}` {tuple(jnp.shape(x))} (no broadcasting)")
 
 
 # --------------------------------------------------------------------------------------------

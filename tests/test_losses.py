@@ -70,6 +70,12 @@ def test_token_entropy_hand_and_reference():
     np.testing.assert_allclose(losses.entropy(zp, mp, 1.3), losses.entropy(z, mask, 1.3),
                                rtol=1e-6)
     assert losses.entropy(z, np.zeros_like(mask)) == 0
+    np.testing.assert_allclose(jax.jit(losses.entropy)(z, mask, 1.3),
+                               losses.entropy(z, mask, 1.3), rtol=1e-6)
+    # logits of ±1e4: uniform over the +1e4 entries, so H = log(#positive); finite gradient
+    h, g = jax.value_and_grad(losses.entropy)(jnp.asarray(np.sign(z) * 1e4), mask)
+    assert _finite_tree((h, g))
+    np.testing.assert_allclose(h, np.log((z > 0).sum(-1))[mask].mean(), rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------

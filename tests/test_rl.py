@@ -48,6 +48,7 @@ def test_masked_stats_numpy_reference(seed):
     _, m = _lengths_mask(rng, 4, 7)
     vals = x[m]
     np.testing.assert_allclose(rl.masked_mean(x, m), vals.mean(), rtol=1e-5)
+    np.testing.assert_allclose(rl.masked_sum(x, m), vals.sum(), rtol=1e-5)
     np.testing.assert_allclose(rl.masked_var(x, m), vals.var(ddof=1), rtol=1e-5)
     np.testing.assert_allclose(rl.masked_var(x, m, unbiased=False), vals.var(), rtol=1e-5)
     w = np.asarray(rl.masked_whiten(x, m))
@@ -212,6 +213,13 @@ def test_kl_estimate_numpy_reference():
     np.testing.assert_allclose(rl.kl_estimate(logp, ref, "k2"), lr**2 / 2, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(rl.kl_estimate(logp, ref, "k3"), np.exp(lr) - lr - 1, rtol=1e-4,
                                atol=1e-6)
+    for est in rl.KL_ESTIMATORS:
+        np.testing.assert_allclose(jax.jit(rl.kl_estimate, static_argnums=2)(logp, ref, est),
+                                   rl.kl_estimate(logp, ref, est), rtol=1e-6, atol=1e-7)
+    with jax.enable_x64(True):
+        for est in rl.KL_ESTIMATORS:
+            check_grads(lambda a, b: rl.kl_estimate(a, b, est), (jnp.asarray(logp, jnp.float64),
+                        jnp.asarray(ref, jnp.float64)), order=1, modes=("rev",))
 
 
 @pytest.mark.parametrize("estimator", rl.KL_ESTIMATORS)
@@ -388,6 +396,12 @@ def test_truncate_after_eos_numpy_reference():
     np.testing.assert_array_equal(mask, exp_mask)
     np.testing.assert_array_equal(out_j, exp_out)
     np.testing.assert_array_equal(mask_j, exp_mask)
+    scores = rng.normal(size=8).astype(np.float32)
+    contains = np.array([bool(np.any(tokens[i] == 3)) for i in range(8)])
+    assert 0 < contains.sum() < 8
+    np.testing.assert_array_equal(
+        rl.apply_missing_eos_penalty(scores, contains, -2.5),
+        [scores[i] if contains[i] else np.float32(-2.5) for i in range(8)])
 
 
 # ------------------------------------------------------------------------------------------
