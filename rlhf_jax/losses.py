@@ -341,7 +341,8 @@ def ppo_policy_loss(logp: Array, old_logp: Array, adv: Array, mask: Array,
 
 def ppo_value_loss(values: Array, old_values: Array, returns: Array, mask: Array,
                    clip_eps: float | Array) -> tuple[Array, Metrics]:
-    """Clipped value loss (PPO as in OpenAI baselines / lm-human-preferences)::
+    """Clipped value loss (Schulman et al. 2017 PPO as implemented in OpenAI baselines and
+    lm-human-preferences, Ziegler et al. 2019)::
 
         V^clip_t = old_V_t + clip(V_t − old_V_t, −ε, ε)
         loss = ½ · mean_t max((V_t − R_t)², (V^clip_t − R_t)²)
