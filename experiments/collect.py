@@ -46,6 +46,8 @@ class Config:
     temperatures: tuple[float, ...] = (0.7, 1.0)
     gold_path: str = "runs/default/gold.pkl"
     """Where the gold scorer is cached (trained on first use from the IMDB ``lm`` split)."""
+    gold_train_texts: int | None = None
+    """Fit the gold scorer on the first N ``lm`` reviews (None: all ~20k)."""
     data_dir: str | None = None
     train_prompts: int = 2000
     """Prompts (from the IMDB ``prompts`` split) for the reward model's training comparisons."""
@@ -69,7 +71,7 @@ PRESETS: dict[str, Config] = {
     "default": Config(),
     "tiny": Config(workdir="runs/tiny/collect",
                    policies=("runs/tiny/sft/final", "runs/tiny/sft/half"), temperatures=(1.0,),
-                   gold_path="runs/tiny/gold.pkl", train_prompts=16, eval_prompts=8,
+                   gold_path="runs/tiny/gold.pkl", gold_train_texts=2000, train_prompts=16, eval_prompts=8,
                    query_len=8, response_len=8, batch_size=8, compute_dtype="float32"),
     "smollm2": Config(workdir="runs/smollm2/collect",
                       policies=("runs/smollm2/sft/final", "runs/smollm2/sft/half"),
@@ -134,7 +136,7 @@ def train(cfg: Config) -> dict:
     summary = {"stage": "collect", "labeler": cfg.labeler, "config": dataclasses.asdict(cfg)}
     gold = None
     if cfg.labeler == "simulated" or cfg.gold_path:
-        gold, acc = gold_scorer(cfg.gold_path, sources)
+        gold, acc = gold_scorer(cfg.gold_path, sources, cfg.gold_train_texts)
         summary["gold_heldout_review_accuracy"] = acc
         print(f"[collect] gold scorer accuracy on held-out IMDB reviews: {acc:.3f}")
 

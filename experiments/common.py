@@ -100,16 +100,24 @@ def imdb_sources(data_dir: str | None = None) -> dict:
     return build_imdb(data_dir)[1]
 
 
+def spread(n_total: int, limit: int | None) -> np.ndarray:
+    """``limit`` indices spread evenly over ``range(n_total)`` (all when None).
+
+    The built splits keep the CSV's order, which is sorted by label: a prefix would be one-sided.
+    """
+    if limit is None or limit >= n_total:
+        return np.arange(n_total)
+    return np.linspace(0, n_total - 1, limit).round().astype(int)
+
+
 def texts_of(source, limit: int | None = None) -> list[str]:
     from rlhf_jax.data.tfds_utils import decode
-    n = len(source) if limit is None else min(limit, len(source))
-    return [decode(source[i])["text"] for i in range(n)]
+    return [decode(source[int(i)])["text"] for i in spread(len(source), limit)]
 
 
 def labels_of(source, limit: int | None = None) -> np.ndarray:
     from rlhf_jax.data.tfds_utils import decode
-    n = len(source) if limit is None else min(limit, len(source))
-    return np.array([int(decode(source[i])["label"]) for i in range(n)])
+    return np.array([int(decode(source[int(i)])["label"]) for i in spread(len(source), limit)])
 
 
 class StatefulBatches:
@@ -133,11 +141,11 @@ class StatefulBatches:
         self._it = self._batching.iterate(self.batches, state)
 
 
-def prompt_set(source, tokenizer, query_len: int, n: int | None = None, seed: int = 0):
-    """The first ``n`` prompts of a split, in order: ``(tokens [N,Tq], mask [N,Tq], texts)``."""
+def prompt_set(source, tokenizer, query_len: int, n: int | None = None):
+    """``n`` prompts spread over a split, in a fixed order: ``(tokens [N,Tq], mask, texts)``."""
     from rlhf_jax.data import batching
-    n = len(source) if n is None else min(n, len(source))
-    b = batching.prompt_batches([source[i] for i in range(n)], tokenizer, max_len=query_len,
+    b = batching.prompt_batches([source[int(i)] for i in spread(len(source), n)], tokenizer,
+                                max_len=query_len,
                                 cfg=batching.LoaderConfig(batch_size=1, shuffle=False,
                                                           drop_remainder=False,
                                                           shard_by_process=False),

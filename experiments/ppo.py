@@ -94,6 +94,8 @@ class Config:
     checkpoint_every: int = 20
     num_devices: int | None = None
     """Devices of the data axis (None: all)."""
+    stop_after: int | None = None
+    """End this run after N iterations (a time-limited job slot); re-running resumes."""
     seed: int = 0
 
 
@@ -225,7 +227,7 @@ def make_iteration(cfg: Config, lm_def, value_def, rm_def, tx, scfg: SamplingCon
         mb = jax.tree.map(lambda x: x[idx_m], batch)
         (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
         updates, opt_state = tx.update(grads, opt_state, params)
-        m["ppo/grad_norm"] = optax.global_norm(grads)
+        m["ppo/grad_norm"] = optax.tree.norm(grads)
         return (optax.apply_updates(params, updates), opt_state, batch), m
 
     def epoch_step(carry, key):
@@ -372,27 +374,31 @@ def train(cfg: Config) -> dict:
                                  "ppo/clipfrac"))
     if start == 0:
         writer.write(0, sft_eval)
-    t0 = time.perf_counter()
-    for it in range(start + 1, cfg.iterations + 1):
+    last = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, start + cfg.stop_after)
+    for it in range(start + 1, last + 1):
         batch = parallel.shard_batch(
             {k: v for k, v in prompts.next().items() if k in ("tokens", "mask")}, mesh)
+        t0 = time.perf_counter()
         state, metrics, resp, resp_mask = iteration(state, ref_params, rm_params,
                                                     batch["tokens"], batch["mask"])
-        metrics = dict(metrics)
+        metrics = dict(jax.device_get(metrics))
+        metrics["perf/iteration_seconds"] = time.perf_counter() - t0  # the first includes compile
         if gold is not None:
             metrics["objective/gold"] = _gold_mean(gold, tok, resp, resp_mask)
-        metrics["perf/seconds_per_iteration"] = (time.perf_counter() - t0) / (it - start)
         if it % cfg.eval_every == 0 or it == cfg.iterations:
             metrics.update(run_eval(state.params["policy"])[0])
         writer.write(it, metrics)
         writer.advance()
-        if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
+        if it % cfg.checkpoint_every == 0 or it == last:
             ckpt.save(it, state, {"step": it, "data": prompts.get_state()})
     writer.close()
     ckpt.close()
+    if last < cfg.iterations:
+        print(f"[ppo] stopped after iteration {last} of {cfg.iterations}; re-run to resume")
+        return {"stage": "ppo", "stopped_at": last}
 
     final_eval, ppo_tokens, ppo_mask = run_eval(state.params["policy"])
-    load_params_into(policy, jax.device_get(state.params["policy"]).to_pure_dict())
+    load_params_into(policy, nnx.to_pure_dict(jax.device_get(state.params["policy"])))
     save_bundle(workdir / "final", policy, mcfg, tok, kind="lm", extra={"stage": "ppo"})
     try:
         from rlhf_jax.models.hf import save_pretrained
@@ -410,7 +416,9 @@ def train(cfg: Config) -> dict:
         "ppo": {"gold": final_eval.get("eval/gold"), "rm_score": final_eval["eval/scores"],
                 "kl": final_eval["eval/kl"]},
         "final_kl_coef": float(jax.device_get(state.kl_ctl.value)),
-        "seconds_per_iteration": rows[-1].get("perf/seconds_per_iteration") if rows else None,
+        "median_iteration_seconds": float(np.median(
+            [r["perf/iteration_seconds"] for r in rows[1:] if "perf/iteration_seconds" in r]
+            or [float("nan")])),
         "config": dataclasses.asdict(cfg),
     }
     write_summary(workdir, summary)

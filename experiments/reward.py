@@ -93,7 +93,7 @@ def make_steps(graphdef, tx, loss: str):
     def train_step(params, opt_state, batch):
         (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
-        m["rm/grad_norm"] = optax.global_norm(grads)
+        m["rm/grad_norm"] = optax.tree.norm(grads)
         return optax.apply_updates(params, updates), opt_state, m
 
     return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(scores)
@@ -188,7 +188,7 @@ def train(cfg: Config) -> dict:
     gain, bias = rl.normalization_gain_bias(jnp.asarray(ref), head["gain"][...], head["bias"][...])
     summary["normalization"] = {"before_mean": float(ref.mean()), "before_std": float(ref.std()),
                                 "gain": float(gain), "bias": float(bias)}
-    pure = params.to_pure_dict()
+    pure = nnx.to_pure_dict(params)
     pure["head"]["gain"], pure["head"]["bias"] = np.asarray(gain), np.asarray(bias)
     load_params_into(rm, pure)
     save_bundle(workdir / "final", rm, mcfg, tok, kind="scalar", head_init="reward",

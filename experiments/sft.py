@@ -95,7 +95,7 @@ def make_train_step(graphdef, tx):
     def train_step(params, opt_state, batch):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
-        metrics["lm/grad_norm"] = optax.global_norm(grads)
+        metrics["lm/grad_norm"] = optax.tree.norm(grads)
         return optax.apply_updates(params, updates), opt_state, metrics
 
     return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_step)
@@ -150,7 +150,7 @@ def train(cfg: Config) -> dict:
                     extra={"stage": "sft", "step": step})
 
     def params_of_state(p):
-        return jax.device_get(p.to_pure_dict())
+        return nnx.to_pure_dict(jax.device_get(p))
 
     writer = MetricsWriter(workdir, total_steps=cfg.steps, initial_step=start, desc="sft",
                            show=("lm/loss", "lm/accuracy"))

@@ -23,3 +23,9 @@ def mesh8():
     """A 1-D ('data',) mesh over the 8 simulated CPU devices."""
     from rlhf_jax import parallel
     return parallel.make_mesh()
+
+# Identical programs compiled by different tests (e.g. several runs of the same tiny experiment)
+# are read back from a persistent cache instead of being compiled again.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("RLHF_JAX_TEST_CACHE", "/tmp/rlhf_jax_test_jit_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -1,0 +1,121 @@
+"""The experiments end to end on the ``tiny`` presets: outputs, checkpoints, resume, devices."""
+import dataclasses
+import json
+
+from flax import nnx
+import jax
+import numpy as np
+import pytest
+
+from experiments import collect, common, pipeline, ppo, reward, sft
+from rlhf_jax import parallel
+from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.runs import load_bundle, params_of
+
+MODULES = (sft, collect, reward, ppo, pipeline)
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__.split(".")[-1])
+def test_every_preset_parses(module):
+    for name, preset in module.PRESETS.items():
+        assert common.parse(module.Config, module.PRESETS, ["--preset", name]) == preset
+    cfg = common.parse(module.Config, module.PRESETS, ["--preset", "tiny", "--seed", "3"]
+                       if module is not pipeline else ["--preset", "tiny", "--ppo.seed", "3"])
+    assert (cfg.ppo.seed if module is pipeline else cfg.seed) == 3
+    with pytest.raises(SystemExit):
+        common.parse(module.Config, module.PRESETS, ["--preset", "no-such-preset"])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny pipeline, run once for the whole session (IMDB built into a temporary data dir)."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    cfg = dataclasses.replace(pipeline.PRESETS["tiny"], root=str(root / "run"),
+                              data_dir=str(root / "tfds"))
+    summary = pipeline.train(cfg)
+    return cfg, summary
+
+
+def test_tiny_pipeline_writes_every_output(tiny_run):
+    cfg, summary = tiny_run
+    sft_cfg, collect_cfg, reward_cfg, ppo_cfg = pipeline.stage_configs(cfg)
+    for stage_cfg in (sft_cfg, reward_cfg, ppo_cfg):
+        wd = stage_cfg.workdir
+        with Checkpointer(f"{wd}/ckpt") as ckpt:
+            assert ckpt.latest_step() is not None, wd
+        rows = [json.loads(x) for x in open(f"{wd}/metrics.jsonl")]
+        assert rows and all(np.isfinite(v) for r in rows for v in r.values()), wd
+        assert (common.Path(wd) / "summary.json").exists()
+        assert list((common.Path(wd) / "tensorboard").glob("events.*")), wd
+        assert (common.Path(wd) / "final" / "model.json").exists()
+    ppo_dir = common.Path(ppo_cfg.workdir)
+    for name in ("ppo.png", "gold_vs_kl.png", "samples.md"):
+        assert (ppo_dir / name).stat().st_size > 0
+    keys = set().union(*[json.loads(x) for x in open(ppo_dir / "metrics.jsonl")])
+    for k in ("objective/kl", "objective/scores", "ppo/clipfrac", "ppo/approxkl",
+              "ppo/val/clipfrac", "ppo/val/explained_var", "objective/entropy",
+              "objective/kl_coef", "objective/gold"):
+        assert k in keys, k
+    comps = [json.loads(x) for x in open(f"{collect_cfg.workdir}/train.jsonl")]
+    assert len(comps) == collect_cfg.train_prompts
+    k = len(collect_cfg.policies) * len(collect_cfg.temperatures)
+    assert all(len(c["responses"]) == len(c["ranks"]) == k for c in comps)
+    for key in ("sft_gold_positive", "ppo_gold_positive", "ppo_kl_to_sft",
+                "rm_heldout_accuracy_vs_gold"):
+        assert summary[key] is not None and np.isfinite(summary[key]), key
+    # Re-running the pipeline skips every finished stage and reproduces the same summary.
+    again = pipeline.train(cfg)
+    assert again["ppo_gold_positive"] == summary["ppo_gold_positive"]
+
+
+def _final_params(workdir):
+    model, _, _, _ = load_bundle(f"{workdir}/final", kind="lm")
+    return jax.tree.leaves(params_of(model))
+
+
+def test_killed_ppo_run_resumes_bit_identically(tiny_run, tmp_path):
+    cfg, _ = tiny_run
+    base = pipeline.stage_configs(cfg)[3]
+    full = dataclasses.replace(base, workdir=str(tmp_path / "full"), iterations=4,
+                               checkpoint_every=2, eval_every=100)
+    ppo.train(full)
+    killed = dataclasses.replace(full, workdir=str(tmp_path / "killed"), stop_after=2)
+    assert ppo.train(killed) == {"stage": "ppo", "stopped_at": 2}
+    ppo.train(dataclasses.replace(killed, stop_after=None))  # the same command, re-run
+    for a, b in zip(_final_params(full.workdir), _final_params(killed.workdir)):
+        np.testing.assert_array_equal(a, b)
+    rows_full = [json.loads(x) for x in open(f"{full.workdir}/metrics.jsonl")]
+    rows_killed = {json.loads(x)["step"]: json.loads(x) for x in
+                   open(f"{killed.workdir}/metrics.jsonl")}
+    assert set(rows_killed) == {r["step"] for r in rows_full}
+    for r in rows_full:
+        for k in ("objective/scores", "objective/kl", "ppo/clipfrac"):
+            if k in r:
+                assert rows_killed[r["step"]][k] == r[k], (r["step"], k)
+
+
+def test_one_ppo_iteration_on_8_devices_matches_1_device(tiny_run):
+    cfg, _ = tiny_run
+    pcfg = pipeline.stage_configs(cfg)[3]
+    policy, rm, critic, _, tok = ppo.load_models(pcfg)
+    lm_def, ref_params = nnx.split(policy)
+    rm_def, rm_params = nnx.split(rm)
+    tx = ppo.make_optimizer(pcfg)
+    fn = jax.jit(ppo.make_iteration(pcfg, lm_def, nnx.graphdef(critic), rm_def, tx,
+                                    ppo.sampling_config(pcfg, tok), tok.eos_id))
+    tokens, mask, _ = common.prompt_set(common.imdb_sources(cfg.data_dir)["prompts"], tok,
+                                        pcfg.query_len, pcfg.batch_size)
+    results = []
+    for n in (1, 8):
+        mesh = parallel.make_mesh(n)
+        state = parallel.replicate(ppo.init_state(pcfg, policy, critic, tx), mesh)
+        batch = parallel.shard_batch({"t": tokens, "m": mask}, mesh)
+        _, metrics, resp, _ = fn(state, parallel.replicate(ref_params, mesh),
+                                 parallel.replicate(rm_params, mesh), batch["t"], batch["m"])
+        assert len(resp.sharding.device_set) == n
+        results.append((jax.device_get(metrics), np.asarray(resp)))
+    (m1, r1), (m8, r8) = results
+    np.testing.assert_array_equal(r1, r8)
+    assert set(m1) == set(m8)
+    for k in m1:
+        np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-5, err_msg=k)
