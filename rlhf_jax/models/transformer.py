@@ -19,7 +19,8 @@ G = N / K query heads per kv head, H head dim, F MLP width, V vocab, L layers.
 
 Mixed precision: parameters are f32; with ``compute_dtype="bfloat16"`` every matmul casts its
 inputs to bf16 and accumulates in f32 (``preferred_element_type``). The residual stream, norms,
-softmax and the returned logits/hidden are f32.
+softmax and the returned logits/hidden are f32. On GPUs, XLA runs f32 matmuls in TF32 by default;
+wrap calls in ``jax.default_matmul_precision("highest")`` where exact f32 is needed (parity checks).
 """
 from __future__ import annotations
 

@@ -14,6 +14,13 @@ from rlhf_jax.models.transformer import positions_from_mask, Transformer
 B, T, VOCAB = 3, 10, 256
 
 
+@pytest.fixture(autouse=True)
+def _full_precision_matmuls():
+    """GPUs default to TF32 for f32 matmuls (~1e-2 logit error); CPU is unaffected."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _forward(model, tokens, mask):
     """Jitted functional forward (split once, merge inside jit)."""
     graphdef, state = nnx.split(model)
