@@ -270,12 +270,22 @@ def to_hf_tensors(model: Transformer, cfg: ModelConfig) -> dict[str, np.ndarray]
     return tensors
 
 
-def save_pretrained(model: Transformer, cfg: ModelConfig, path: str | os.PathLike) -> None:
-    """Write ``config.json`` + ``model.safetensors`` loadable by ``AutoModelForCausalLM``."""
+def save_pretrained(model: Transformer, cfg: ModelConfig, path: str | os.PathLike, *,
+                    extra_config: Mapping[str, Any] | None = None) -> None:
+    """Write ``config.json`` + ``model.safetensors`` loadable by ``AutoModelForCausalLM``.
+
+    Args:
+      model: the model to save (parameters written as f32).
+      cfg: its config; the family picks GPT2LMHeadModel, LlamaForCausalLM or (``qkv_bias``)
+        Qwen2ForCausalLM.
+      path: output directory (created).
+      extra_config: keys merged into ``config.json``, e.g. ``{"eos_token_id": 50256}``.
+    """
     from safetensors.numpy import save_file
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2) + "\n")
+    config = {**hf_config_dict(cfg), **(extra_config or {})}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(to_hf_tensors(model, cfg), str(path / "model.safetensors"),
               metadata={"format": "pt"})
 

@@ -79,7 +79,8 @@ def test_shape_mismatch_is_named(tiny_llama_tensors):
 def test_from_hf_inverts_to_hf_tensors(tiny_llama_tensors, tmp_path):
     cfg, _, tensors = tiny_llama_tensors
     model = Transformer(cfg, rngs=nnx.Rngs(0))
-    hf.save_pretrained(model, cfg, tmp_path)
+    hf.save_pretrained(model, cfg, tmp_path, extra_config={"eos_token_id": 2})
+    assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == 2
     cfg2, loaded = hf.load_pretrained(tmp_path)
     assert cfg2 == cfg
     for (pa, a), (pb, b) in zip(nnx.to_flat_state(nnx.state(model)),
@@ -91,6 +92,20 @@ def test_from_hf_inverts_to_hf_tensors(tiny_llama_tensors, tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         hf.load_pretrained(tmp_path)
+
+
+def test_bf16_checkpoint_loads_as_f32(tiny_llama_tensors, tmp_path):
+    """Released checkpoints are often bf16: they load, upcast exactly, into f32 parameters."""
+    from safetensors.numpy import save_file
+    cfg, config, tensors = tiny_llama_tensors
+    bf16 = {k: v.astype(jnp.bfloat16) for k, v in tensors.items()}
+    save_file(bf16, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _, model = hf.load_pretrained(tmp_path)
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert model.blocks[0].mlp.down[...].dtype == jnp.float32
+    np.testing.assert_array_equal(model.blocks[0].mlp.down[...],
+                                  bf16[name].astype(np.float32).T)
 
 
 def test_gpt2_keys_without_transformer_prefix():
