@@ -29,7 +29,7 @@ from rlhf_jax.models.transformer import Transformer
 
 def params_of(model: nnx.Module) -> dict:
     """The model's parameters as a pure nested dict of arrays (what checkpoints store)."""
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def load_params_into(model: nnx.Module, pure: dict) -> nnx.Module:
