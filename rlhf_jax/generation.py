@@ -30,7 +30,6 @@ than the transformer step itself.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import flax
@@ -398,14 +397,14 @@ _sample_split_jit = jax.jit(sample_split, static_argnames=("graphdef", "cfg"))
 
 def sample_jit(model: Transformer, prompt_tokens_bt, prompt_mask_bt, key,
                cfg: SamplingConfig) -> SampleOutput:
-    """:func:`sample` compiled once per (model structure, shapes, ``cfg``) and cached by ``jax.jit``."""
+    """:func:`sample` compiled once per (model structure, shapes, ``cfg``); cached by jax.jit."""
     graphdef, state = nnx.split(model)
     return _sample_split_jit(graphdef, state, jnp.asarray(prompt_tokens_bt),
                              jnp.asarray(prompt_mask_bt), key, cfg=cfg)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
-    """Left-pad token lists to ``[B, length]``; returns ``(tokens int32, mask bool)`` NumPy arrays."""
+    """Left-pad token lists to ``[B, length]``; returns NumPy ``(tokens int32, mask bool)``."""
     length = length if length is not None else max(len(s) for s in sequences)
     tokens = np.full((len(sequences), length), pad_id, np.int32)
     mask = np.zeros((len(sequences), length), bool)

@@ -335,7 +335,8 @@ def _check_frequencies(logits, kw, n):
     groups = [(f"token {i}", want[i], counts[i]) for i in np.flatnonzero(big)]
     for start in range(0, len(logits), 64):
         sl = slice(start, start + 64)
-        groups.append((f"ids {start}..", np.sum(want[sl] * ~big[sl]), np.sum(counts[sl] * ~big[sl])))
+        rest = ~big[sl]
+        groups.append((f"ids {start}..", np.sum(want[sl] * rest), np.sum(counts[sl] * rest)))
     for name, p, c in groups:
         se = np.sqrt(p * (1 - p) / n)
         assert abs(c / n - p) <= 4 * se + 1e-12, (name, c / n, p)
