@@ -45,6 +45,8 @@ from rlhf_jax.models.transformer import KVCache, Transformer, init_cache, positi
 # block): it avoids a length-V cumulative sum (slow on CPU) and keeps f32 round-off per block.
 _BLOCK = 256
 _TWO_LEVEL_MIN_V = 4 * _BLOCK
+# Nucleus fast path: look for the top-p boundary among this many most likely tokens first.
+NUCLEUS_CANDIDATES = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,15 +153,7 @@ def _mask_eos(z_bv: jax.Array, step, cfg: SamplingConfig) -> jax.Array:
     return jnp.where(blocked, -jnp.inf, z_bv)
 
 
-def _nucleus_threshold(probs_bv: jax.Array, top_p: float) -> jax.Array:
-    """Per-row ``tau`` such that the nucleus is ``{i: p_i >= tau}``.
-
-    Token ``i`` is kept iff the mass of strictly more likely tokens is ``< top_p``. That mass,
-    ``F(tau) = sum_{p_j > tau} p_j``, is non-increasing in ``tau``, so the smallest probability
-    value with ``F < top_p`` is found exactly by bisection over the bit patterns of non-negative
-    f32 (monotone as integers): 31 masked sums instead of a length-V sort (a sort is ~100x slower
-    on CPU). ``F(max p) = 0 < top_p``, so the most likely token is always kept.
-    """
+def _nucleus_threshold_bisect(probs_bv: jax.Array, top_p: float) -> jax.Array:
     bits_bv = lax.bitcast_convert_type(probs_bv, jnp.int32)
 
     def mass_above(tau_bits_b):
@@ -175,6 +169,26 @@ def _nucleus_threshold(probs_bv: jax.Array, top_p: float) -> jax.Array:
     lo = jnp.full_like(hi, -1)
     _, hi = lax.fori_loop(0, 32, body, (lo, hi))
     return lax.bitcast_convert_type(hi, jnp.float32)
+
+
+def _nucleus_threshold(probs_bv: jax.Array, top_p: float,
+                       candidates: int = NUCLEUS_CANDIDATES) -> jax.Array:
+    """Per-row ``tau`` such that the nucleus is ``{i: p_i >= tau}``.
+
+    Token ``i`` is kept iff the mass of strictly more likely tokens is ``< top_p``. Fast path: when
+    the ``candidates`` most likely tokens of every row already hold ``top_p`` of the mass, the
+    nucleus boundary lies among them and ``tau`` is read off their prefix sums. Otherwise ``tau``
+    is found exactly by bisection: ``F(tau) = sum_{p_j > tau} p_j`` is non-increasing, so the
+    smallest probability with ``F < top_p`` is searched over the bit patterns of non-negative f32
+    (monotone as integers), 32 masked sums instead of a length-V sort (~100x slower on CPU).
+    ``F(max p) = 0 < top_p``, so the most likely token is always kept.
+    """
+    k = min(candidates, probs_bv.shape[1])
+    top_bk, _ = lax.top_k(probs_bv, k)
+    keep = jnp.cumsum(top_bk, axis=1) - top_bk < top_p
+    tau_fast = jnp.min(jnp.where(keep, top_bk, jnp.inf), axis=1)
+    covered = jnp.all(jnp.sum(top_bk, axis=1) >= top_p) | (k == probs_bv.shape[1])
+    return lax.cond(covered, lambda: tau_fast, lambda: _nucleus_threshold_bisect(probs_bv, top_p))
 
 
 def _top_p_sorted(z_bk: jax.Array, top_p: float) -> jax.Array:

@@ -351,15 +351,30 @@ def test_empirical_frequencies_small_vocab(kw):
     _check_frequencies(SMALL, kw, 20000)
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=0.8), dict(top_p=0.9)])
+@pytest.mark.parametrize("kw", [dict(temperature=0.8), dict(top_p=0.9), dict(top_p=0.2)])
 def test_empirical_frequencies_two_level_vocab(kw):
-    """V = 1500 exercises the blockwise inverse CDF and the bisection nucleus threshold."""
+    """V = 1500: the blockwise inverse CDF; top_p 0.9 needs the bisection nucleus threshold, 0.2
+    is reached by the 64 most likely tokens (the fast path)."""
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 1, 1500).astype(np.float32)
     peaks = [3, 255, 256, 511, 777, 1023, 1024, 1100, 1280, 1499]
     logits[peaks] = 3.5 + rng.normal(0, 0.7, len(peaks))
     assert len(np.unique(logits)) == len(logits)
     _check_frequencies(logits, kw, 20000)
+
+
+def test_nucleus_fast_path_equals_bisection():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, (6, 700)).astype(np.float32)
+    logits[5, :300] = 1.0                            # a wide tie straddling the boundary
+    probs = jax.nn.softmax(jnp.asarray(logits), axis=-1)
+    for top_p in (0.05, 0.3, 0.6):
+        fast = g._nucleus_threshold(probs, top_p, candidates=700)
+        slow = g._nucleus_threshold_bisect(probs, top_p)
+        np.testing.assert_array_equal(np.asarray(fast), np.asarray(slow))
+        kept = np.asarray(probs >= fast[:, None])
+        for row, p in zip(kept, np.asarray(logits)):
+            np.testing.assert_array_equal(row, _np_filter_probs(p, top_p=top_p) > 0)
 
 
 def test_greedy_step_takes_filtered_argmax():
