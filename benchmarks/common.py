@@ -13,7 +13,7 @@ and each record is a flat dict::
 
     bench     "ppo" | "reward" | "sft" | "peak" | ...      what is measured
     case      "tiny" | "gpt2" | "f32-2048" | ...           which shape
-    side      "jax" | "trl" | "torch"                      whose implementation
+    side      "ours" (alias "jax") | "trl" | "torch"       whose implementation
     dtype     "float32" | "bfloat16"                       compute dtype of the matmuls
     unit      "s/iter" | "s/step" | "FLOP/s"
     median, p10, p90, runs                                 seconds (see ``time_fn``); for "peak"
@@ -25,7 +25,7 @@ and each record is a flat dict::
     config    (optional)  dict of the shapes/settings used; notes (optional) free text
 
 ``update_results_md`` renders all records found in ``benchmarks/out/*.json`` into
-``benchmarks/RESULTS.md``, pairing ``side="jax"`` with ``side="trl"`` records of the same
+``benchmarks/RESULTS.md``, pairing ``side="ours"`` with ``side="trl"`` records of the same
 (bench, case, dtype) and printing the speed-up; it keeps the ``## Generation`` section (written by
 ``benchmarks/generation.py``) as it finds it.
 """
@@ -300,6 +300,11 @@ def _shape_text(cfg: dict[str, Any] | None) -> str:
     return ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
 
 
+def _side(r: dict[str, Any]) -> str:
+    """"ours" for our records (written as "ours" or "jax"), else the record's side."""
+    return "ours" if r["side"] in ("ours", "jax") and r["bench"] != "peak" else r["side"]
+
+
 _SECTIONS = [
     ("ppo", "PPO iteration (rollout + scoring + update)", "s/iter"),
     ("reward", "Reward-model training step (Bradley–Terry, pairs)", "s/step"),
@@ -311,7 +316,7 @@ def render_results(records: list[dict[str, Any]], machines: list[dict[str, Any]]
     """Markdown for everything except the ``## Generation`` section."""
     by_key: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for r in records:
-        by_key[(r["bench"], r["case"], r["side"], r.get("dtype", "float32"))] = r
+        by_key[(r["bench"], r["case"], _side(r), r.get("dtype", "float32"))] = r
     lines = ["# Benchmark results", ""]
     lines += [
         "Written by `benchmarks/run_all.sh` (`make bench`); see `benchmarks/README.md` for what",
@@ -356,7 +361,7 @@ def render_results(records: list[dict[str, Any]], machines: list[dict[str, Any]]
         rows = []
         for case in cases:
             trl = by_key.get((bench, case, "trl", "float32"))
-            ours = by_key.get((bench, case, "jax", "float32"))
+            ours = by_key.get((bench, case, "ours", "float32"))
             cfg = dict((trl or {}).get("config") or {}, **((ours or {}).get("config") or {}))
             ratio = trl["median"] / ours["median"] if trl and ours else None
             target = TARGETS.get((bench, case))
@@ -388,14 +393,14 @@ def render_results(records: list[dict[str, Any]], machines: list[dict[str, Any]]
             p = r["mfu_part"]
             parts.append((p.get("name", "part"), p["flops"], p["median"]))
         for name, flops, secs in parts:
-            peak_side = "jax" if r["side"] == "jax" else "torch"
+            peak_side = "jax" if _side(r) == "ours" else "torch"
             peak = _peak(records, peak_side, r.get("dtype", "float32"))
             peak_f32 = _peak(records, peak_side, "float32")
             achieved = flops / secs
             mfu = achieved / peak["value"] if peak else None
             mfu32 = achieved / peak_f32["value"] if peak_f32 else None
             target = ""
-            if r["bench"] == "sft" and r["side"] == "jax" and r.get("dtype") == "float32" and mfu:
+            if r["bench"] == "sft" and _side(r) == "ours" and r.get("dtype") == "float32" and mfu:
                 target = f"≥{SFT_MFU_TARGET:.0%} " + ("met" if mfu >= SFT_MFU_TARGET else "not met")
             mfu_rows.append([
                 f"{r['side']} {r['case']} {name}", r.get("dtype", "float32"), f"{flops / 1e12:.3f}",

@@ -9,7 +9,9 @@
 # 4. Merges the JSON files of benchmarks/out/ into benchmarks/RESULTS.md (benchmarks/common.py).
 #
 # Every script is called as `PYTHON SCRIPT --out benchmarks/out/NAME.json` with QUICK and
-# BASELINE_PYTHON (the baseline venv's python) in the environment.
+# BASELINE_PYTHON (the baseline venv's python) in the environment; generation.py instead gets
+# `--out benchmarks/RESULTS.md` and rewrites only its own "## Generation" section there (the merge
+# in step 4 keeps that section).
 # Environment: QUICK=1 for a smoke run (fewer iterations); BENCH_ONLY="peak_jax trl_ppo ..." runs a
 # subset by name; PYTHON=python3.11 picks the interpreter the baseline venv is created from.
 set -uo pipefail
@@ -57,9 +59,14 @@ run() {
         echo "== $name: $script not present, skipped"
         return 0
     fi
-    echo "== $name: $py $script $*"
+    # generation.py writes its own "## Generation" section of RESULTS.md; the others write JSON.
+    local out="$OUT/$name.json"
+    if [ "$name" = generation ]; then
+        out=benchmarks/RESULTS.md
+    fi
+    echo "== $name: $py $script --out $out $*"
     local t0=$SECONDS
-    if "$py" "$script" --out "$OUT/$name.json" "$@" >"$OUT/$name.log" 2>&1; then
+    if "$py" "$script" --out "$out" "$@" >"$OUT/$name.log" 2>&1; then
         grep '^# ' "$OUT/$name.log" || true
         echo "   done in $((SECONDS - t0)) s"
     else
@@ -88,7 +95,11 @@ if [ -x "$BASE_PY" ]; then
 fi
 run jax_ppo "$JAX_PY" benchmarks/ppo.py
 run jax_train_steps "$JAX_PY" benchmarks/train_steps.py
-run generation "$JAX_PY" benchmarks/generation.py
+if [ "$QUICK" != 0 ]; then
+    run generation "$JAX_PY" benchmarks/generation.py --repeats 2 --batch-sizes 1 8
+else
+    run generation "$JAX_PY" benchmarks/generation.py
+fi
 
 "$JAX_PY" benchmarks/common.py || FAILED+=("results-md")
 if [ ${#FAILED[@]} -gt 0 ]; then
