@@ -354,7 +354,9 @@ def render_results(records: list[dict[str, Any]], machines: list[dict[str, Any]]
     lines.append("")
 
     for bench, title, unit in _SECTIONS:
-        cases = sorted({r["case"] for r in records if r["bench"] == bench})
+        order = {"tiny": 0, "gpt2": 1}
+        cases = sorted({r["case"] for r in records if r["bench"] == bench},
+                       key=lambda c: (order.get(c, 2), c))
         if not cases:
             continue
         lines += [f"## {title}", ""]
