@@ -23,6 +23,7 @@ import os
 import pathlib
 import platform
 import re
+import shlex
 import statistics
 import sys
 import tempfile
@@ -138,7 +139,7 @@ def markdown(rows: list[Row], args, where: str) -> str:
         "one warm-up; our compile time is separate. \"ratio\" = ours / HF at the same batch; the "
         "f32 rows are like-for-like, bf16 rows use bf16 matmuls with f32 accumulation.", "",
         f"Machine: {where}. Run {datetime.date.today().isoformat()}: "
-        f"`{' '.join(['python', 'benchmarks/generation.py'] + sys.argv[1:])}`.", "",
+        f"`{shlex.join(['python', 'benchmarks/generation.py'] + sys.argv[1:])}`.", "",
         "| model | implementation | batch | new tokens/s | s / call | compile s | ratio vs HF |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]

@@ -70,12 +70,29 @@ def run_case(name: str, warmup: int, iters: int, compute_dtype: str) -> dict:
         return box["state"].params
 
     timing = common.time_fn(one, warmup=warmup, iters=iters, sync=jax.block_until_ready)
+
+    # The update alone (for MFU): the same epochs × minibatches scan on one fixed rollout.
+    make = ppo.make_iteration(pcfg, lm_def, nnx.graphdef(critic), rm_def, tx, scfg, VOCAB - 1)
+    state = box["state"]
+    batch, _, _ = jax.jit(make.rollout)(state, ref_params, rm_params, prompts, pmask,
+                                        jax.random.key(0))
+    upd = jax.jit(make.update)
+    ubox = {"p": state.params, "o": state.opt_state}
+
+    def update_once():
+        ubox["p"], ubox["o"], _ = upd(ubox["p"], ubox["o"], batch, jax.random.key(1))
+        return ubox["p"]
+
+    update_timing = common.time_fn(update_once, warmup=warmup, iters=iters,
+                                   sync=jax.block_until_ready)
     seq = c["query"] + c["response"]
     flops = common.ppo_update_flops(layers, d, VOCAB, c["batch"], seq, c["epochs"])
     config = dict(layers=layers, d_model=d, heads=heads, vocab=VOCAB, **c, temperature=0.7,
                   compute_dtype=compute_dtype, device=str(jax.devices()[0].device_kind))
     return common.record("ppo", name, "ours", timing, unit="s/iter", dtype=compute_dtype,
-                         config=config, update_flops=flops,
+                         config=config, update_s=update_timing,
+                         mfu_part={"name": "PPO update", "flops": flops,
+                                   "median": update_timing["median"]},
                          notes="experiments.ppo.make_iteration: one jitted program "
                                "(while_loop sampler + 4 forwards + GAE + scan over "
                                "epochs×minibatches)")
