@@ -70,7 +70,7 @@ def bench_reward(shape: str, dtype: str, warmup: int, iters: int, pairs=8, lengt
     step, _ = reward.make_steps(graphdef, tx, "ranking")
     tokens = np.random.default_rng(0).integers(0, VOCAB, (pairs, 2, length)).astype(np.int32)
     b = {"tokens": tokens, "mask": np.ones_like(tokens, bool),
-         "ranks": np.tile(np.array([[0, 1]], np.int32), (pairs, 1)),
+         "response_mask": np.ones_like(tokens, bool), "ranks": np.tile(np.array([[0, 1]], np.int32), (pairs, 1)),
          "valid": np.ones((pairs, 2), bool)}
 
     def one():

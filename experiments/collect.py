@@ -21,8 +21,8 @@ Outputs: ``train.jsonl`` / ``eval.jsonl`` (``rlhf_jax.data.comparisons`` schema,
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
+import time
 
 from flax import nnx
 import jax
@@ -32,7 +32,7 @@ from experiments import common
 from rlhf_jax import parallel
 from rlhf_jax.data import comparisons
 from rlhf_jax.data.batching import decode_rows
-from rlhf_jax.generation import SamplingConfig, sample_split
+from rlhf_jax.generation import sample_split, SamplingConfig
 from rlhf_jax.labelers import GoldSentimentScorer, simulated_ranks
 from rlhf_jax.runs import load_bundle, write_summary
 
@@ -46,12 +46,12 @@ class Config:
     temperatures: tuple[float, ...] = (0.7, 1.0)
     gold_path: str = "runs/default/gold.pkl"
     """Where the gold scorer is cached (trained on first use from the IMDB ``lm`` split)."""
-    gold_train_texts: int | None = None
-    """Fit the gold scorer on the first N ``lm`` reviews (None: all ~20k)."""
+    gold_train_texts: int | None = 10000
+    """Fit the gold scorer on N ``lm`` reviews spread over the split (None: all ~20k)."""
     data_dir: str | None = None
-    train_prompts: int = 2000
+    train_prompts: int = 1500
     """Prompts (from the IMDB ``prompts`` split) for the reward model's training comparisons."""
-    eval_prompts: int = 400
+    eval_prompts: int = 300
     """Prompts (from the ``eval`` split) for held-out comparisons."""
     query_len: int = 16
     response_len: int = 24
@@ -63,7 +63,7 @@ class Config:
     """With ``labeler=import``: the file people filled in (JSONL or CSV from ``export``)."""
     batch_size: int = 200
     """Prompts per sampling call."""
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "float32"
     seed: int = 0
 
 
@@ -76,7 +76,7 @@ PRESETS: dict[str, Config] = {
     "smollm2": Config(workdir="runs/smollm2/collect",
                       policies=("runs/smollm2/sft/final", "runs/smollm2/sft/half"),
                       gold_path="runs/smollm2/gold.pkl", train_prompts=1000, eval_prompts=200,
-                      query_len=32, response_len=32, batch_size=50),
+                      query_len=32, response_len=32, batch_size=50, compute_dtype="bfloat16"),
 }
 
 

@@ -4,16 +4,16 @@ Kept deliberately small; anything that becomes library-grade moves to ``rlhf_jax
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+import sys
 from typing import TypeVar
 
 from flax import nnx
 import jax
 import numpy as np
 
-from rlhf_jax.models.config import PRESETS as MODEL_PRESETS
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.config import PRESETS as MODEL_PRESETS
 from rlhf_jax.models.transformer import Transformer
 
 C = TypeVar("C")
@@ -21,8 +21,8 @@ C = TypeVar("C")
 # Architectures trained from scratch on the embedded task (vocab_size is set from the tokenizer).
 MODELS: dict[str, ModelConfig] = {
     **MODEL_PRESETS,
-    "imdb-small": ModelConfig(family="gpt2", vocab_size=8192, num_layers=4, d_model=256,
-                              num_heads=4, num_kv_heads=4, mlp_dim=1024, max_seq_len=128),
+    "imdb-small": ModelConfig(family="gpt2", vocab_size=4096, num_layers=4, d_model=192,
+                              num_heads=4, num_kv_heads=4, mlp_dim=768, max_seq_len=128),
     "tiny-imdb": ModelConfig(family="gpt2", vocab_size=512, num_layers=2, d_model=64,
                              num_heads=4, num_kv_heads=4, mlp_dim=256, max_seq_len=128),
 }

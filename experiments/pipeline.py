@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
+import time
 
 from experiments import collect, common, ppo, reward, sft
 from rlhf_jax.runs import read_summary, write_summary

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from pathlib import Path
+import time
 
 import flax
 from flax import nnx
@@ -32,7 +32,7 @@ import optax
 from experiments import common
 from rlhf_jax import losses, parallel, rl
 from rlhf_jax.checkpoint import Checkpointer
-from rlhf_jax.generation import SamplingConfig, sample_split
+from rlhf_jax.generation import sample_split, SamplingConfig
 from rlhf_jax.metrics import MetricsWriter, plot_curves, read_metrics
 from rlhf_jax.models.heads import ScalarHead, ScalarModel
 from rlhf_jax.models.transformer import positions_from_mask
@@ -50,7 +50,7 @@ class Config:
     gold_path: str | None = "runs/default/gold.pkl"
     """Gold sentiment scorer used for evaluation only (None: skip gold metrics)."""
     data_dir: str | None = None
-    iterations: int = 120
+    iterations: int = 60
     batch_size: int = 64
     """Rollouts per iteration (split over devices)."""
     query_len: int = 16
@@ -64,9 +64,9 @@ class Config:
     """Stop token (text) for EOS handling / missing-EOS penalty; None: fixed-length responses."""
     missing_eos_penalty: float | None = None
     """Score given to responses without ``stop_token`` (lm-human-preferences: -1)."""
-    ppo_epochs: int = 4
-    num_minibatches: int = 4
-    learning_rate: float = 5e-5
+    ppo_epochs: int = 2
+    num_minibatches: int = 2
+    learning_rate: float = 1e-4
     """Adam step size, decayed linearly to 0 over all updates."""
     max_grad_norm: float = 1.0
     clip_eps: float = 0.2
@@ -79,7 +79,7 @@ class Config:
     kl_coef: float = 0.05
     """Initial β."""
     adaptive_kl: bool = True
-    kl_target: float = 6.0
+    kl_target: float = 8.0
     """Adaptive controller target (nats per response)."""
     kl_horizon: float = 10000.0
     kl_estimator: str = "k1"
@@ -88,7 +88,7 @@ class Config:
     whiten_advantages: bool = True
     value_head_on_policy: bool = False
     """Critic = a zero-init value head on the policy's hidden states instead of a separate model."""
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "float32"
     eval_prompts: int = 256
     eval_every: int = 40
     checkpoint_every: int = 20
@@ -109,7 +109,8 @@ PRESETS: dict[str, Config] = {
     "smollm2": Config(workdir="runs/smollm2/ppo", sft_dir="runs/smollm2/sft/final",
                       reward_dir="runs/smollm2/reward/final", gold_path="runs/smollm2/gold.pkl",
                       iterations=100, batch_size=32, query_len=32, response_len=32,
-                      learning_rate=1e-6, kl_coef=0.1, temperature=0.7, eval_prompts=128),
+                      learning_rate=1e-6, kl_coef=0.1, temperature=0.7, eval_prompts=128,
+                      ppo_epochs=4, num_minibatches=4, compute_dtype="bfloat16"),
 }
 
 
@@ -132,12 +133,14 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
                        optax.adam(schedule, eps=1e-5))
 
 
-def score_responses(rm_def, rm_params, prompt_bt, prompt_mask_bt, resp_bt, resp_mask_bt, eos_id):
-    """Reward-model score of each response, read at an EOS appended after its last real token.
+def score_responses(rm_def, rm_params, prompt_bt, prompt_mask_bt, resp_bt, resp_mask_bt, eos_id,
+                    pool: str = "last"):
+    """Reward-model score of each response, with an EOS appended after its last real token.
 
     The reward model was trained on ``prompt + response + EOS`` (``rlhf_jax.data.batching``), so
-    rollouts are scored the same way; a response that already ends in EOS gets none added.
-    Returns ``[B]``.
+    rollouts are scored the same way (a response that already ends in EOS gets none added), and
+    pooled as in training (``experiments.reward.Config.pool``: the EOS, or the mean over the
+    response + EOS). Returns ``[B]``.
     """
     b, tq = prompt_bt.shape
     n = jnp.sum(resp_mask_bt, axis=1)
@@ -149,12 +152,14 @@ def score_responses(rm_def, rm_params, prompt_bt, prompt_mask_bt, resp_bt, resp_
     tokens = jnp.concatenate([prompt_bt.astype(jnp.int32), resp.astype(jnp.int32)], axis=1)
     mask = jnp.concatenate([prompt_mask_bt.astype(bool), rmask], axis=1)
     rm_bt = nnx.merge(rm_def, rm_params)(tokens, positions_from_mask(mask), mask)
+    if pool == "mean":
+        return rl.masked_mean(rm_bt[:, tq:], rmask, axis=1)
     last = tq - 1 + jnp.sum(rmask, axis=1)
     return jnp.take_along_axis(rm_bt, last[:, None], axis=1)[:, 0]
 
 
 def make_iteration(cfg: Config, lm_def, value_def, rm_def, tx, scfg: SamplingConfig,
-                   eos_id: int):
+                   eos_id: int, rm_pool: str = "last"):
     """Builds ``iteration(state, ref_params, rm_params, prompt_tokens, prompt_mask)``.
 
     Returns ``(state, metrics, response_tokens, response_mask)``; jit it (the caller donates
@@ -185,7 +190,7 @@ def make_iteration(cfg: Config, lm_def, value_def, rm_def, tx, scfg: SamplingCon
         ref_logits = nnx.merge(lm_def, ref_params)(tokens, pos, mask)[0][:, resp]
         ref_logp = losses.token_logprobs(ref_logits, out.tokens, temp)
         score = score_responses(rm_def, rm_params, prompt_bt, prompt_mask_bt, out.tokens, rmask,
-                                eos_id)
+                                eos_id, rm_pool)
         if cfg.missing_eos_penalty is not None:
             has_eos = jnp.any((out.tokens == scfg.eos_id) & rmask, axis=1)
             score = rl.apply_missing_eos_penalty(score, has_eos, cfg.missing_eos_penalty)
@@ -234,25 +239,31 @@ def make_iteration(cfg: Config, lm_def, value_def, rm_def, tx, scfg: SamplingCon
         perm = jax.random.permutation(key, b).reshape(n_mb, b // n_mb)
         return jax.lax.scan(minibatch_step, carry, perm)
 
+    def update(params, opt_state, batch, key):
+        """``ppo_epochs`` × ``num_minibatches`` clipped policy + value updates on one rollout."""
+        (params, opt_state, _), um = jax.lax.scan(
+            epoch_step, (params, opt_state, jax.lax.stop_gradient(batch)),
+            jax.random.split(key, cfg.ppo_epochs))
+        return params, opt_state, jax.tree.map(jnp.mean, um)
+
     def iteration(state: PPOState, ref_params, rm_params, prompt_bt, prompt_mask_bt):
         key = jax.random.fold_in(state.key, state.iteration)
         k_sample, k_epochs = jax.random.split(key)
         batch, metrics, out = rollout(state, ref_params, rm_params, prompt_bt, prompt_mask_bt,
                                       k_sample)
-        batch = jax.lax.stop_gradient(batch)
-        (params, opt_state, _), um = jax.lax.scan(
-            epoch_step, (state.params, state.opt_state, batch),
-            jax.random.split(k_epochs, cfg.ppo_epochs))
-        metrics.update(jax.tree.map(jnp.mean, um))
+        params, opt_state, um = update(state.params, state.opt_state, batch, k_epochs)
+        metrics.update(um)
         kl_ctl = rl.kl_controller_update(state.kl_ctl, metrics["objective/kl"], b)
         new_state = PPOState(params=params, opt_state=opt_state, kl_ctl=kl_ctl, key=state.key,
                              iteration=state.iteration + 1)
         return new_state, metrics, out.tokens, out.mask
 
+    iteration.rollout, iteration.update = rollout, update  # separately jittable (benchmarks)
     return iteration
 
 
-def make_evaluate(cfg: Config, lm_def, rm_def, scfg: SamplingConfig, eos_id: int):
+def make_evaluate(cfg: Config, lm_def, rm_def, scfg: SamplingConfig, eos_id: int,
+                  rm_pool: str = "last"):
     """``evaluate(policy, ref, rm, prompts, mask, key) -> (tokens, mask, rm score, KL to ref)``."""
     tq, tr = cfg.query_len, cfg.response_len
     resp = slice(tq - 1, tq + tr - 1)
@@ -266,7 +277,7 @@ def make_evaluate(cfg: Config, lm_def, rm_def, scfg: SamplingConfig, eos_id: int
                                     out.tokens, cfg.temperature) for p in (policy_params, ref_params)]
         kl_seq = rl.masked_sum(lp[0] - lp[1], out.mask, axis=1)
         score = score_responses(rm_def, rm_params, prompt_bt, prompt_mask_bt, out.tokens,
-                                out.mask, eos_id)
+                                out.mask, eos_id, rm_pool)
         return out.tokens, out.mask, score, kl_seq
 
     return jax.jit(evaluate)
@@ -295,13 +306,14 @@ def init_state(cfg: Config, policy, critic, tx) -> PPOState:
 def load_models(cfg: Config):
     """Policy, reference, reward model and critic, and the tokenizer (init-from the stages)."""
     policy, mcfg, tok, _ = load_bundle(cfg.sft_dir, kind="lm", compute_dtype=cfg.compute_dtype)
-    rm, _, _, _ = load_bundle(cfg.reward_dir, kind="scalar", compute_dtype=cfg.compute_dtype)
+    rm, _, _, rm_meta = load_bundle(cfg.reward_dir, kind="scalar",
+                                    compute_dtype=cfg.compute_dtype)
     if cfg.value_head_on_policy:
         critic = ScalarHead(mcfg.d_model, init="value", rngs=nnx.Rngs(params=cfg.seed))
     else:
         critic, _, _, _ = load_bundle(cfg.reward_dir, kind="scalar",
                                       compute_dtype=cfg.compute_dtype)
-    return policy, rm, critic, mcfg, tok
+    return policy, rm, critic, mcfg, tok, rm_meta.get("pool", "last")
 
 
 def sampling_config(cfg: Config, tokenizer) -> SamplingConfig:
@@ -321,7 +333,7 @@ def train(cfg: Config) -> dict:
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh(cfg.num_devices)
-    policy, rm, critic, mcfg, tok = load_models(cfg)
+    policy, rm, critic, mcfg, tok, rm_pool = load_models(cfg)
     if cfg.query_len + cfg.response_len + 1 > mcfg.max_seq_len:
         raise ValueError(f"query_len + response_len + 1 = {cfg.query_len + cfg.response_len + 1} "
                          f"exceeds the model's max_seq_len={mcfg.max_seq_len}")
@@ -345,9 +357,10 @@ def train(cfg: Config) -> dict:
         from rlhf_jax.labelers import GoldSentimentScorer
         gold = GoldSentimentScorer.load(cfg.gold_path)
 
-    iteration = jax.jit(make_iteration(cfg, lm_def, value_def, rm_def, tx, scfg, tok.eos_id),
+    iteration = jax.jit(make_iteration(cfg, lm_def, value_def, rm_def, tx, scfg, tok.eos_id,
+                                       rm_pool),
                         donate_argnums=(0,))
-    evaluate = make_evaluate(cfg, lm_def, rm_def, scfg, tok.eos_id)
+    evaluate = make_evaluate(cfg, lm_def, rm_def, scfg, tok.eos_id, rm_pool)
     eval_key = jax.random.key(cfg.seed + 1)
     eval_batch = parallel.shard_batch({"t": eval_tokens, "m": eval_mask}, mesh) \
         if len(eval_tokens) % mesh.shape[parallel.DATA] == 0 else {"t": eval_tokens, "m": eval_mask}

@@ -46,6 +46,10 @@ class Config:
     starting with this (the SFT policy's samples)."""
     loss: str = "ranking"
     """``ranking`` (all K(K-1)/2 pairs, InstructGPT) or ``best_of_k`` (lm-human-preferences)."""
+    pool: str = "mean"
+    """How the per-token head outputs become one score: ``last`` reads the EOS after the response
+    (InstructGPT); ``mean`` averages over the response tokens and the EOS — a bag-of-tokens reward
+    that a small model learns from few comparisons. PPO scores rollouts the same way."""
     max_len: int = 48
     """Tokens of prompt + response + EOS."""
     batch_size: int = 32
@@ -55,7 +59,7 @@ class Config:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "float32"
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -68,23 +72,34 @@ PRESETS: dict[str, Config] = {
                    checkpoint_every=2, log_every=1, compute_dtype="float32"),
     "smollm2": Config(workdir="runs/smollm2/reward", sft_dir="runs/smollm2/sft/final",
                       comparisons_dir="runs/smollm2/collect", max_len=80, batch_size=16,
-                      learning_rate=1e-5),
+                      learning_rate=1e-5, compute_dtype="bfloat16"),
 }
 
 
-def make_steps(graphdef, tx, loss: str):
-    """``(train_step, score_fn)`` for ``tokens/mask [B, K, T]`` + ``ranks/valid [B, K]`` batches."""
+def pooled_score(values_nt, mask_nt, response_mask_nt, pool: str):
+    """One score per sequence from per-token head outputs ``[N, T]`` (see ``Config.pool``)."""
+    if pool == "last":
+        last = jnp.maximum(jnp.sum(mask_nt, axis=1) - 1, 0)  # the EOS the data appended
+        return jnp.take_along_axis(values_nt, last[:, None], axis=1)[:, 0]
+    if pool == "mean":
+        return rl.masked_mean(values_nt, response_mask_nt, axis=1)
+    raise ValueError(f"pool={pool!r}; expected 'last' or 'mean'")
 
-    def scores(params, tokens_bkt, mask_bkt):
+
+def make_steps(graphdef, tx, loss: str, pool: str = "last"):
+    """``(train_step, score_fn)`` for ``tokens/mask/response_mask [B, K, T]`` + ``ranks/valid
+    [B, K]`` batches."""
+
+    def scores(params, tokens_bkt, mask_bkt, response_mask_bkt):
         b, k, t = tokens_bkt.shape
         tokens, mask = tokens_bkt.reshape(b * k, t), mask_bkt.reshape(b * k, t)
         rm = nnx.merge(graphdef, params)
         values_nt = rm(tokens, positions_from_mask(mask), mask)
-        last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)  # the EOS the data appended
-        return jnp.take_along_axis(values_nt, last[:, None], axis=1)[:, 0].reshape(b, k)
+        return pooled_score(values_nt, mask, response_mask_bkt.reshape(b * k, t), pool).reshape(
+            b, k)
 
     def loss_fn(params, batch):
-        r_bk = scores(params, batch["tokens"], batch["mask"])
+        r_bk = scores(params, batch["tokens"], batch["mask"], batch["response_mask"])
         if loss == "ranking":
             return losses.ranking_loss(r_bk, batch["ranks"], batch["valid"])
         best = jnp.argmin(jnp.where(batch["valid"], batch["ranks"], jnp.iinfo(jnp.int32).max), 1)
@@ -112,8 +127,9 @@ def score_split(score_fn, params, source, tok, cfg: Config, mesh) -> tuple[np.nd
         x = batching.arrays_only(batch)
         n = len(x["tokens"])
         pad = (-n) % n_dev
-        t, m = (np.concatenate([x[k], x[k][:1].repeat(pad, 0)]) for k in ("tokens", "mask"))
-        out.append(np.asarray(score_fn(params, *parallel.shard_batch((t, m), mesh)))[:n])
+        t, m, r = (np.concatenate([x[k], x[k][:1].repeat(pad, 0)])
+                   for k in ("tokens", "mask", "response_mask"))
+        out.append(np.asarray(score_fn(params, *parallel.shard_batch((t, m, r), mesh)))[:n])
     records = [comparisons.decode_comparison(source[i]) for i in range(len(source))]
     return np.concatenate(out), records
 
@@ -146,7 +162,7 @@ def train(cfg: Config) -> dict:
     graphdef, params = nnx.split(rm)
     params = parallel.replicate(params, mesh)
     opt_state = parallel.replicate(tx.init(params), mesh)
-    train_step, score_fn = make_steps(graphdef, tx, cfg.loss)
+    train_step, score_fn = make_steps(graphdef, tx, cfg.loss, cfg.pool)
 
     ckpt = Checkpointer(workdir / "ckpt")
     start = 0
@@ -159,7 +175,8 @@ def train(cfg: Config) -> dict:
                            show=("rm/loss", "rm/accuracy"))
     for step in range(start + 1, steps + 1):
         batch = batching.arrays_only(loader.next())
-        batch = parallel.shard_batch({key: batch[key] for key in ("tokens", "mask", "ranks",
+        batch = parallel.shard_batch({key: batch[key] for key in ("tokens", "mask",
+                                                                  "response_mask", "ranks",
                                                                   "valid")}, mesh)
         params, opt_state, metrics = train_step(params, opt_state, batch)
         if step % cfg.log_every == 0 or step == steps:
@@ -192,7 +209,7 @@ def train(cfg: Config) -> dict:
     pure["head"]["gain"], pure["head"]["bias"] = np.asarray(gain), np.asarray(bias)
     load_params_into(rm, pure)
     save_bundle(workdir / "final", rm, mcfg, tok, kind="scalar", head_init="reward",
-                extra={"stage": "reward"})
+                extra={"stage": "reward", "pool": cfg.pool})
     rows = read_metrics(workdir / "metrics.jsonl")
     plot_curves(rows, [("Bradley–Terry loss", "rm/loss"), ("train pair accuracy", "rm/accuracy")],
                 workdir / "reward.png", title="reward model")

@@ -97,12 +97,12 @@ def test_killed_ppo_run_resumes_bit_identically(tiny_run, tmp_path):
 def test_one_ppo_iteration_on_8_devices_matches_1_device(tiny_run):
     cfg, _ = tiny_run
     pcfg = pipeline.stage_configs(cfg)[3]
-    policy, rm, critic, _, tok = ppo.load_models(pcfg)
+    policy, rm, critic, _, tok, pool = ppo.load_models(pcfg)
     lm_def, ref_params = nnx.split(policy)
     rm_def, rm_params = nnx.split(rm)
     tx = ppo.make_optimizer(pcfg)
     fn = jax.jit(ppo.make_iteration(pcfg, lm_def, nnx.graphdef(critic), rm_def, tx,
-                                    ppo.sampling_config(pcfg, tok), tok.eos_id))
+                                    ppo.sampling_config(pcfg, tok), tok.eos_id, pool))
     tokens, mask, _ = common.prompt_set(common.imdb_sources(cfg.data_dir)["prompts"], tok,
                                         pcfg.query_len, pcfg.batch_size)
     results = []
