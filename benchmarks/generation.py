@@ -53,6 +53,7 @@ class Row:
 
 def _hf_config(name: str):
     from transformers import GPT2Config
+
     from rlhf_jax.models.config import PRESETS
     cfg = PRESETS[name]
     if cfg.family != "gpt2":
@@ -95,6 +96,7 @@ def bench_hf(model, prompts: np.ndarray, repeats: int) -> float:
 def bench_ours(model, prompts: np.ndarray, repeats: int, eos: int) -> tuple[float, float]:
     """(median seconds of one compiled ``sample`` call, compile seconds)."""
     import jax
+
     from rlhf_jax import generation
     cfg = generation.SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, eos_id=eos,
                                     pad_id=eos, min_new_tokens=NEW_TOKENS)
@@ -180,6 +182,7 @@ def main(argv=None) -> None:
     import torch
     torch.set_num_threads(os.cpu_count())
     from transformers import GPT2LMHeadModel
+
     from rlhf_jax.models.hf import load_pretrained
 
     dtypes = ["float32"] + [d for d in dict.fromkeys(args.compute_dtype) if d != "float32"]

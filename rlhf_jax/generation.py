@@ -39,7 +39,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.models.transformer import KVCache, Transformer, init_cache, positions_from_mask
+from rlhf_jax.models.transformer import init_cache, KVCache, positions_from_mask, Transformer
 
 # Vocabularies larger than this are sampled with a two-level inverse CDF (block sums, then one
 # block): it avoids a length-V cumulative sum (slow on CPU) and keeps f32 round-off per block.

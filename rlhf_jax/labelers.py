@@ -15,8 +15,8 @@ samples, import the ranks: :mod:`rlhf_jax.data`); by default a *simulated labele
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
+import pickle
 from typing import Sequence
 
 import numpy as np

@@ -16,7 +16,7 @@ import pytest
 from rlhf_jax import generation as g
 from rlhf_jax import parallel
 from rlhf_jax.models.config import PRESETS
-from rlhf_jax.models.transformer import Transformer, positions_from_mask
+from rlhf_jax.models.transformer import positions_from_mask, Transformer
 
 B, P, TR = 8, 10, 12
 PAD = 1

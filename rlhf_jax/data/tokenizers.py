@@ -20,12 +20,12 @@ the middle of a prompt+response concatenation would silently change the model's 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 import functools
 import importlib.util
 import json
 import os
 import pathlib
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 import tokenizers

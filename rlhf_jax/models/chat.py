@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.data.tokenizers import Tokenizer, load_tokenizer
+from rlhf_jax.data.tokenizers import load_tokenizer, Tokenizer
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import Transformer
 
@@ -63,7 +63,7 @@ def chat(questions: list[str],
          system: str | None = None,
          compute_dtype: str = "float32") -> list[str]:
     """Greedy single-turn replies, one per question, through the model's chat template."""
-    from rlhf_jax.generation import SamplingConfig, generate_text
+    from rlhf_jax.generation import generate_text, SamplingConfig
     cfg, lm, tok = load(model, compute_dtype)
     prompts = []
     for q in questions:

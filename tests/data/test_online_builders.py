@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import downloader
 
-from rlhf_jax.data import batching, hh, tldr, tfds_utils
+from rlhf_jax.data import batching, hh, tfds_utils, tldr
 from rlhf_jax.data.errors import DataError
 
 
