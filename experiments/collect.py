@@ -49,7 +49,7 @@ class Config:
     gold_train_texts: int | None = 10000
     """Fit the gold scorer on N ``lm`` reviews spread over the split (None: all ~20k)."""
     data_dir: str | None = None
-    train_prompts: int = 1500
+    train_prompts: int = 2400
     """Prompts (from the IMDB ``prompts`` split) for the reward model's training comparisons."""
     eval_prompts: int = 300
     """Prompts (from the ``eval`` split) for held-out comparisons."""

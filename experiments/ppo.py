@@ -76,12 +76,13 @@ class Config:
     entropy_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
-    kl_coef: float = 0.05
+    kl_coef: float = 0.1
     """Initial β."""
     adaptive_kl: bool = True
     kl_target: float = 8.0
     """Adaptive controller target (nats per response)."""
-    kl_horizon: float = 10000.0
+    kl_horizon: float = 1000.0
+    """Adaptive controller horizon H in samples (β moves by at most 20%·batch/H per iteration)."""
     kl_estimator: str = "k1"
     """Per-token KL estimator in the reward: k1 (papers) or k3 (unbiased, non-negative)."""
     whiten_rewards: bool = False

@@ -27,7 +27,6 @@ import optax
 from experiments import common
 from rlhf_jax import losses, parallel, rl
 from rlhf_jax.checkpoint import Checkpointer
-from rlhf_jax.data import batching, comparisons
 from rlhf_jax.metrics import MetricsWriter, plot_curves, read_metrics
 from rlhf_jax.models.transformer import positions_from_mask
 from rlhf_jax.runs import load_bundle, load_params_into, save_bundle, write_summary
@@ -46,7 +45,7 @@ class Config:
     starting with this (the SFT policy's samples)."""
     loss: str = "ranking"
     """``ranking`` (all K(K-1)/2 pairs, InstructGPT) or ``best_of_k`` (lm-human-preferences)."""
-    pool: str = "mean"
+    pool: str = "last"
     """How the per-token head outputs become one score: ``last`` reads the EOS after the response
     (InstructGPT); ``mean`` averages over the response tokens and the EOS — a bag-of-tokens reward
     that a small model learns from few comparisons. PPO scores rollouts the same way."""
@@ -54,8 +53,8 @@ class Config:
     """Tokens of prompt + response + EOS."""
     batch_size: int = 32
     """Prompts per step (each with K responses)."""
-    epochs: int = 2
-    learning_rate: float = 1e-4
+    epochs: int = 3
+    learning_rate: float = 3e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -116,6 +115,7 @@ def make_steps(graphdef, tx, loss: str, pool: str = "last"):
 
 def score_split(score_fn, params, source, tok, cfg: Config, mesh) -> tuple[np.ndarray, list]:
     """RM scores ``[N, K]`` of every example of a comparisons split, in order, and the records."""
+    from rlhf_jax.data import batching, comparisons
     n_dev = mesh.shape[parallel.DATA]
     bs = max(n_dev, cfg.batch_size - cfg.batch_size % n_dev)
     b = batching.comparison_batches(source, tok, max_len=cfg.max_len, overlong="truncate",
@@ -144,6 +144,8 @@ def pairwise_accuracy(scores_nk: np.ndarray, order_nk: np.ndarray, higher_is_bet
 
 
 def train(cfg: Config) -> dict:
+    from rlhf_jax.data import batching, comparisons  # grain/TFDS: only needed to train
+
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()

@@ -29,7 +29,6 @@ import optax
 from experiments import common
 from rlhf_jax import losses, parallel
 from rlhf_jax.checkpoint import Checkpointer
-from rlhf_jax.data import batching
 from rlhf_jax.metrics import MetricsWriter, plot_curves, read_metrics
 from rlhf_jax.models.transformer import positions_from_mask
 from rlhf_jax.runs import load_params_into, params_of, save_bundle, write_summary
@@ -113,6 +112,8 @@ def make_optimizer(cfg: Config):
 
 def train(cfg: Config) -> dict:
     """Trains (or resumes) and returns the summary dict (also written to ``summary.json``)."""
+    from rlhf_jax.data import batching  # grain/TFDS: only needed to train
+
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()

@@ -62,10 +62,21 @@ def gpt2_tokenizer():
     return tok
 
 
+def on_gpu() -> bool:
+    """``BENCH_TORCH_DEVICE=cuda`` runs the baseline on the GPU (default: the CPU)."""
+    return os.environ.get("BENCH_TORCH_DEVICE", "cpu") == "cuda"
+
+
 def setup_torch(seed: int = 0) -> int:
-    """f32 everywhere, all cores; returns the thread count."""
+    """f32 everywhere, all cores; returns the thread count.
+
+    On a GPU, f32 matmuls use TF32 as JAX does by default, so both sides do the same arithmetic.
+    """
     import torch
 
+    if on_gpu():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed)
     torch.set_default_dtype(torch.float32)
     torch.set_num_threads(os.cpu_count())
@@ -114,7 +125,7 @@ def common_training_args(out_dir: str, steps: int) -> dict:
         eval_strategy="no",
         report_to=[],
         disable_tqdm=True,
-        use_cpu=True,
+        use_cpu=not on_gpu(),
         dataloader_num_workers=0,
         seed=0,
         learning_rate=1e-5,
