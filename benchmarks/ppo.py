@@ -1,6 +1,7 @@
 """Ours: seconds per PPO iteration of ``experiments.ppo.make_iteration`` (one compiled program).
 
-Mirrors ``benchmarks/baseline/trl_ppo.py``: random-initialised GPT-2-shaped policy, reference, reward
+Mirrors ``benchmarks/baseline/trl_ppo.py``: random-initialised GPT-2-shaped policy, reference,
+reward
 model and separate value model, f32, prompts of random token ids of length ``query``, ``response``
 new tokens at temperature 0.7 with no stop token, KL coefficient 0.05 (fixed), GAE + whitening,
 ``epochs`` × ``minibatches`` Adam updates of policy + value model. One iteration = rollout + scoring

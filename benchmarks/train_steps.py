@@ -7,7 +7,9 @@ the experiments' own jitted steps (``experiments.sft.make_train_step``,
 FLOPs (``common.train_flops``) / median step time / the matmul peak measured by ``peak.py`` in the
 same ``make bench`` run (computed when RESULTS.md is rendered).
 
-Usage: ``.venv/bin/python benchmarks/train_steps.py --out F.json [--compute-dtype float32 bfloat16]``
+Usage::
+
+    .venv/bin/python benchmarks/train_steps.py --out F.json [--compute-dtype float32 bfloat16]
 """
 from __future__ import annotations
 
@@ -70,7 +72,8 @@ def bench_reward(shape: str, dtype: str, warmup: int, iters: int, pairs=8, lengt
     step, _ = reward.make_steps(graphdef, tx, "ranking")
     tokens = np.random.default_rng(0).integers(0, VOCAB, (pairs, 2, length)).astype(np.int32)
     b = {"tokens": tokens, "mask": np.ones_like(tokens, bool),
-         "response_mask": np.ones_like(tokens, bool), "ranks": np.tile(np.array([[0, 1]], np.int32), (pairs, 1)),
+         "response_mask": np.ones_like(tokens, bool),
+         "ranks": np.tile(np.array([[0, 1]], np.int32), (pairs, 1)),
          "valid": np.ones((pairs, 2), bool)}
 
     def one():

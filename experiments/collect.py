@@ -4,11 +4,13 @@ For held-out prompts (the first tokens of IMDB reviews that SFT never trained on
 ``policies`` samples at every temperature in ``temperatures`` (K = len(policies) × len(temperatures)
 responses; "several LMs" as in InstructGPT). A labeler then ranks the K responses:
 
-* ``labeler="simulated"`` (default): a gold sentiment scorer (TF-IDF + logistic regression trained on
+* ``labeler="simulated"`` (default): a gold sentiment scorer (TF-IDF + logistic regression trained
+  on
   IMDB labels, independent of the reward model) with Bradley–Terry noise
   ``P(a ≻ b) = σ((g_a − g_b)/τ)`` (:mod:`rlhf_jax.labelers`).
-* ``labeler="export"``: writes ``to_label.jsonl`` (or ``.csv``) for people and stops; after ranking,
-  ``labeler="import" --rankings-file FILE`` reads their ranks.
+* ``labeler="export"``: writes ``to_label/{train,eval}.jsonl`` for people and stops (no
+  ``summary.json``, so the pipeline does not go on); after ranking, ``labeler="import"
+  --rankings-file <workdir>/to_label`` reads the prompts, responses and ranks back.
 
 Run::
 
@@ -71,7 +73,8 @@ PRESETS: dict[str, Config] = {
     "default": Config(),
     "tiny": Config(workdir="runs/tiny/collect",
                    policies=("runs/tiny/sft/final", "runs/tiny/sft/half"), temperatures=(1.0,),
-                   gold_path="runs/tiny/gold.pkl", gold_train_texts=2000, train_prompts=16, eval_prompts=8,
+                   gold_path="runs/tiny/gold.pkl", gold_train_texts=2000, train_prompts=16,
+                   eval_prompts=8,
                    query_len=8, response_len=8, batch_size=8, compute_dtype="float32"),
     "smollm2": Config(workdir="runs/smollm2/collect",
                       policies=("runs/smollm2/sft/final", "runs/smollm2/sft/half"),
@@ -140,51 +143,67 @@ def train(cfg: Config) -> dict:
         summary["gold_heldout_review_accuracy"] = acc
         print(f"[collect] gold scorer accuracy on held-out IMDB reviews: {acc:.3f}")
 
+    if cfg.labeler not in ("simulated", "export", "import"):
+        raise ValueError(f"labeler={cfg.labeler!r}; expected simulated, export or import")
     for split, src_name, n in (("train", "prompts", cfg.train_prompts),
                                ("eval", "eval", cfg.eval_prompts)):
         out_path = workdir / f"{split}.jsonl"
         if out_path.exists():
             print(f"[collect] {out_path} exists; kept")
             continue
-        tokens, mask, _ = common.prompt_set(sources[src_name], tok, cfg.query_len, n)
-        prompts = decode_rows(tok, tokens, mask)
-        responses, names = sample_responses(cfg, tokens, mask, mesh, tok)
-        records = [{"id": f"{split}-{i}", "prompt": p, "responses": r, "labeler": cfg.labeler,
-                    "policies": names} for i, (p, r) in enumerate(zip(prompts, responses))]
+        if cfg.labeler == "import":  # the people's file holds prompts, responses and ranks
+            records = comparisons.import_rankings(_rankings_file(cfg.rankings_file, split))
+            names = records[0]["policies"]
+        else:
+            tokens, mask, _ = common.prompt_set(sources[src_name], tok, cfg.query_len, n)
+            prompts = decode_rows(tok, tokens, mask)
+            responses, names = sample_responses(cfg, tokens, mask, mesh, tok)
+            records = [{"id": f"{split}-{i}", "prompt": p, "responses": r,
+                        "labeler": cfg.labeler, "policies": names}
+                       for i, (p, r) in enumerate(zip(prompts, responses))]
         if gold is not None:
-            g = gold.score([x for r in responses for x in r]).reshape(len(records), -1)
+            g = gold.score([x for r in records for x in r["responses"]]).reshape(len(records), -1)
             for rec, row in zip(records, g):
                 rec["gold_scores"] = [float(v) for v in row]
             summary[f"{split}_mean_gold_prob_by_policy"] = dict(
                 zip(names, (1 / (1 + np.exp(-g))).mean(axis=0).round(4).tolist()))
+        if cfg.labeler == "export":
+            path = workdir / "to_label" / f"{split}.jsonl"
+            path.parent.mkdir(exist_ok=True)
+            comparisons.export_for_labeling(records, path)
+            print(f"[collect] wrote {path}: fill in the ranks, then re-run with "
+                  f"--labeler import --rankings-file {path.parent}")
+            continue
         if cfg.labeler == "simulated":
             ranks = simulated_ranks(g, cfg.labeler_temperature, rng)
             for rec, r in zip(records, ranks):
                 rec["ranks"] = [int(x) for x in r]
+        if gold is not None:
+            ranks = np.array([rec["ranks"] for rec in records])
             summary[f"{split}_labeler_gold_pair_agreement"] = _pair_agreement(ranks, g)
-        elif cfg.labeler == "export":
-            path = workdir / f"to_label_{split}.jsonl"
-            comparisons.export_for_labeling(records, path)
-            print(f"[collect] wrote {path}: rank the responses, then re-run with "
-                  f"--labeler import --rankings-file <filled file>")
-            continue
-        elif cfg.labeler == "import":
-            if not cfg.rankings_file:
-                raise ValueError("labeler=import needs --rankings-file")
-            ranked = {r["id"]: r for r in comparisons.import_rankings(cfg.rankings_file)}
-            missing = [r["id"] for r in records if r["id"] not in ranked]
-            if missing:
-                raise ValueError(f"{cfg.rankings_file}: no ranks for {len(missing)} prompts, "
-                                 f"e.g. {missing[:3]}")
-            for rec in records:
-                rec["ranks"], rec["labeler"] = ranked[rec["id"]]["ranks"], ranked[rec["id"]][
-                    "labeler"]
-        else:
-            raise ValueError(f"labeler={cfg.labeler!r}; expected simulated, export or import")
         comparisons.write_comparisons(out_path, records)
         summary[f"{split}_comparisons"] = len(records)
+    if cfg.labeler == "export":
+        # No summary.json: the stage is not finished until the rankings are imported.
+        return {"stage": "collect", "stopped_at": "waiting for rankings",
+                "to_label": str(workdir / "to_label")}
     write_summary(workdir, summary)
     return summary
+
+
+def _rankings_file(path: str | None, split: str) -> Path:
+    """The filled-in file for ``split``: ``path`` itself, or ``path/<split>.jsonl|csv``."""
+    if not path:
+        raise ValueError("labeler=import needs --rankings-file (a file, or the to_label folder)")
+    p = Path(path)
+    if p.is_dir():
+        for ext in (".jsonl", ".csv"):
+            if (p / f"{split}{ext}").exists():
+                return p / f"{split}{ext}"
+        raise FileNotFoundError(f"no {split}.jsonl or {split}.csv in {p}")
+    if not p.exists():
+        raise FileNotFoundError(f"rankings file {p} does not exist")
+    return p
 
 
 def _pair_agreement(ranks: np.ndarray, gold: np.ndarray) -> float:

@@ -6,9 +6,9 @@ re-running the command skips finished stages and resumes an interrupted one from
 
 Run::
 
-    make demo                                     # = python -m experiments.pipeline --preset default
+    make demo                                    # python -m experiments.pipeline --preset default
     python -m experiments.pipeline --preset tiny  # seconds-scale smoke run
-    python -m experiments.pipeline --preset default --ppo.iterations 200   # override any stage field
+    python -m experiments.pipeline --preset default --ppo.iterations 200  # override any field
 
 Outputs: ``<root>/{sft,collect,reward,ppo}/`` (see each stage's docstring), ``<root>/gold.pkl``
 (the gold scorer), and ``<root>/summary.json`` + ``<root>/report.md`` with the headline figures.

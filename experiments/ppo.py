@@ -11,14 +11,14 @@ Run::
         --sft-dir runs/default/sft/final --reward-dir runs/default/reward/final
 
 Outputs in the workdir: ``ckpt/``, ``metrics.jsonl``, ``tensorboard/``, ``ppo.png`` (gold score, RM
-score, KL against iterations; gold score against KL), ``samples.md`` (SFT vs PPO responses to the same
+score, KL against iterations; gold score against KL), ``samples.md`` (SFT vs PPO responses to the
+same
 held-out prompts), ``summary.json`` and ``final/`` (the policy bundle) + ``final/hf`` (Hugging Face
 format, loadable by ``transformers``).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 import time
 
@@ -34,7 +34,7 @@ from rlhf_jax import losses, parallel, rl
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.generation import sample_split, SamplingConfig
 from rlhf_jax.metrics import MetricsWriter, plot_curves, read_metrics
-from rlhf_jax.models.heads import ScalarHead, ScalarModel
+from rlhf_jax.models.heads import ScalarHead
 from rlhf_jax.models.transformer import positions_from_mask
 from rlhf_jax.runs import load_bundle, load_params_into, save_bundle, write_summary
 
@@ -123,7 +123,8 @@ class PPOState:
     opt_state: optax.OptState
     kl_ctl: rl.KLControllerState
     key: jax.Array
-    """Base key; iteration ``i`` uses ``fold_in(key, i)``, so a resumed run draws the same numbers."""
+    """Base key; iteration ``i`` uses ``fold_in(key, i)``, so a resumed run draws the same
+    numbers."""
     iteration: jax.Array
 
 
@@ -275,7 +276,8 @@ def make_evaluate(cfg: Config, lm_def, rm_def, scfg: SamplingConfig, eos_id: int
         mask = jnp.concatenate([prompt_mask_bt.astype(bool), out.mask], axis=1)
         pos = positions_from_mask(mask)
         lp = [losses.token_logprobs(nnx.merge(lm_def, p)(tokens, pos, mask)[0][:, resp],
-                                    out.tokens, cfg.temperature) for p in (policy_params, ref_params)]
+                                    out.tokens, cfg.temperature)
+              for p in (policy_params, ref_params)]
         kl_seq = rl.masked_sum(lp[0] - lp[1], out.mask, axis=1)
         score = score_responses(rm_def, rm_params, prompt_bt, prompt_mask_bt, out.tokens,
                                 out.mask, eos_id, rm_pool)
@@ -416,7 +418,9 @@ def train(cfg: Config) -> dict:
     save_bundle(workdir / "final", policy, mcfg, tok, kind="lm", extra={"stage": "ppo"})
     try:
         from rlhf_jax.models.hf import save_pretrained
-        save_pretrained(policy, mcfg, workdir / "final" / "hf")
+        save_pretrained(policy, mcfg, workdir / "final" / "hf",
+                        extra_config={"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id})
+        tok.save(workdir / "final" / "hf")  # tokenizer.json + tokenizer_config.json
     except (ImportError, ValueError) as e:  # export is a convenience; the bundle is the result
         print(f"[ppo] Hugging Face export skipped: {e}")
     _write_samples(workdir / "samples.md", tok, gold, eval_texts, eval_tokens, eval_mask,

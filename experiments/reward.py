@@ -11,7 +11,8 @@ Run::
     python -m experiments.reward --preset default
 
 Reports held-out pairwise accuracy against the labeler's ranks and against the gold scorer's order.
-Outputs: ``ckpt/``, ``metrics.jsonl``, ``tensorboard/``, ``reward.png``, ``summary.json``, ``final/``.
+Outputs: ``ckpt/``, ``metrics.jsonl``, ``tensorboard/``, ``reward.png``, ``summary.json``,
+``final/``.
 """
 from __future__ import annotations
 
@@ -191,7 +192,8 @@ def train(cfg: Config) -> dict:
     print(loader.batches.report.summary())
 
     # Held-out accuracy, then reward normalisation on the SFT policy's samples.
-    summary = {"stage": "reward", "steps": steps, "loss": cfg.loss, "config": dataclasses.asdict(cfg)}
+    summary = {"stage": "reward", "steps": steps, "loss": cfg.loss,
+               "config": dataclasses.asdict(cfg)}
     for split in sources:
         s, recs = score_split(score_fn, params, sources[split], tok, cfg, mesh)
         ranks = np.array([r["ranks"] for r in recs])
@@ -200,7 +202,8 @@ def train(cfg: Config) -> dict:
             gold = np.array([r["gold_scores"] for r in recs])
             summary[f"{split}/accuracy_vs_gold"] = pairwise_accuracy(s, gold, True)
         if split == "train":
-            cols = [j for j, p in enumerate(recs[0]["policies"]) if p.startswith(cfg.normalize_policy)]
+            cols = [j for j, p in enumerate(recs[0]["policies"])
+                    if p.startswith(cfg.normalize_policy)]
             ref = s[:, cols or list(range(s.shape[1]))].reshape(-1)
     params = jax.device_get(params)
     head = params["head"]

@@ -1,6 +1,7 @@
 """Stage 1 — supervised fine-tuning / language modelling on demonstrations.
 
-For the embedded default task the "demonstrations" are IMDB reviews: a small GPT-2-architecture model
+For the embedded default task the "demonstrations" are IMDB reviews: a small GPT-2-architecture
+model
 (byte-level BPE trained on the same reviews) learns to continue movie reviews. With ``--init-from``
 an existing model (Hugging Face directory, GGUF file, or a previous run's ``final/``) is fine-tuned
 instead of trained from scratch.
@@ -22,7 +23,6 @@ import time
 
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -31,7 +31,7 @@ from rlhf_jax import losses, parallel
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.metrics import MetricsWriter, plot_curves, read_metrics
 from rlhf_jax.models.transformer import positions_from_mask
-from rlhf_jax.runs import load_params_into, params_of, save_bundle, write_summary
+from rlhf_jax.runs import load_params_into, save_bundle, write_summary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +42,11 @@ class Config:
     model: str = "imdb-small"
     """Architecture preset (``experiments.common.MODELS``) when training from scratch."""
     init_from: str | None = None
-    """Start from these weights: a HF model dir, a .gguf file, ``smollm2``, or a run's ``final/``."""
+    """Start from these weights: a HF model dir, a .gguf file, ``smollm2``, or a run's
+    ``final/``."""
     tokenizer: str = "bpe"
-    """``bpe`` trains a byte-level BPE on the training texts; else a tokenizer spec (``gpt2``, …)."""
+    """``bpe`` trains a byte-level BPE on the training texts; else a tokenizer spec (``gpt2``,
+    …)."""
     vocab_size: int = 4096
     """Vocabulary of the trained BPE."""
     data_dir: str | None = None

@@ -1,12 +1,14 @@
 """Checkpoints: the only module that imports orbax.
 
 A checkpoint holds one pytree of arrays (params, optimiser state, PRNG key, KL-controller state, …)
-and one JSON document (step, data-iterator state, config, anything small). Typed PRNG keys are stored
+and one JSON document (step, data-iterator state, config, anything small). Typed PRNG keys are
+stored
 as their raw key data and rebuilt on restore, so a resumed run draws the same numbers as an
 uninterrupted one.
 
 Start-up order (big_vision): **resume** from the newest checkpoint in the run's own folder, else
-**init-from** another run's final checkpoint (e.g. PPO starting from the SFT policy), else **scratch**.
+**init-from** another run's final checkpoint (e.g. PPO starting from the SFT policy), else
+**scratch**.
 
 Example::
 
@@ -35,7 +37,8 @@ def _is_prng_key(x) -> bool:
 
 
 def _encode_keys(tree):
-    """Typed PRNG keys -> {'data': uint32 array, tag: impl name} (orbax stores plain arrays only)."""
+    """Typed PRNG keys -> {'data': uint32 array, tag: impl name} (orbax stores plain arrays
+    only)."""
 
     def enc(x):
         if _is_prng_key(x):
@@ -115,8 +118,9 @@ def _concrete_keys(template):
     """Abstract key leaves become concrete dummy keys so they can be encoded like real ones."""
 
     def conc(t):
-        if isinstance(t, jax.ShapeDtypeStruct) and jax.dtypes.issubdtype(t.dtype,
-                                                                          jax.dtypes.prng_key):
+        is_key = isinstance(t, jax.ShapeDtypeStruct) and jax.dtypes.issubdtype(
+            t.dtype, jax.dtypes.prng_key)
+        if is_key:
             return jax.random.key(0)
         return t
 

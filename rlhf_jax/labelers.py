@@ -4,8 +4,10 @@ The embedded default task needs someone to rank K responses per prompt. Humans c
 samples, import the ranks: :mod:`rlhf_jax.data`); by default a *simulated labeler* does, built on a
 **gold scorer** that is independent of the reward model being trained:
 
-* :class:`GoldSentimentScorer` — TF-IDF (word 1–2-grams) + logistic regression trained on IMDB review
-  labels. ``score(texts)`` is the log-odds of "positive"; ``prob(texts)`` is P(positive). It reads text,
+* :class:`GoldSentimentScorer` — TF-IDF (word 1–2-grams) + logistic regression trained on IMDB
+  review
+  labels. ``score(texts)`` is the log-odds of "positive"; ``prob(texts)`` is P(positive). It reads
+  text,
   not tokens, so it is blind to the policy's tokenizer and cannot be exploited through it.
 * :func:`simulated_ranks` — every pair (a, b) of the K responses is compared once with Bradley–Terry
   noise, ``P(a ≻ b) = σ((g_a − g_b) / τ)``, and responses are ranked by their number of wins
@@ -70,7 +72,8 @@ class GoldSentimentScorer:
 
 
 def ranks_from_wins(wins_bk: np.ndarray) -> np.ndarray:
-    """Dense ranks from win counts: 0 for the most wins, equal wins share a rank. ``[B,K]`` int32."""
+    """Dense ranks from win counts: 0 for the most wins, equal wins share a rank. ``[B,K]``
+    int32."""
     wins_bk = np.asarray(wins_bk)
     if wins_bk.ndim != 2:
         raise ValueError(f"wins must be [B, K]; got shape {wins_bk.shape}")
@@ -81,12 +84,14 @@ def ranks_from_wins(wins_bk: np.ndarray) -> np.ndarray:
     return out
 
 
-def simulated_ranks(gold_bk: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
+def simulated_ranks(gold_bk: np.ndarray, temperature: float,
+                    rng: np.random.Generator) -> np.ndarray:
     """Rankings of K responses per prompt by a Bradley–Terry-noisy labeler.
 
     Args:
       gold_bk: ``[B, K]`` gold scores (log-odds) of each response.
-      temperature: τ in ``P(a ≻ b) = σ((g_a − g_b)/τ)``; 0 means noiseless (ties only on equal gold).
+      temperature: τ in ``P(a ≻ b) = σ((g_a − g_b)/τ)``; 0 means noiseless (ties only on equal
+        gold).
       rng: numpy Generator (explicit, so a run's labels are reproducible).
 
     Returns:

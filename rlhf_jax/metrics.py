@@ -1,6 +1,7 @@
 """Where metrics are written: one place for every experiment (DESIGN.md §3 rule 13).
 
-Metrics leave jit as a flat dict of scalars with namespaced keys (``objective/kl``, ``ppo/clipfrac``).
+Metrics leave jit as a flat dict of scalars with namespaced keys (``objective/kl``,
+``ppo/clipfrac``).
 :class:`MetricsWriter` appends them to ``metrics.jsonl`` and TensorBoard event files, and feeds a
 progress bar that shows the key figures. :func:`plot_curves` draws PNGs from ``metrics.jsonl``.
 """
@@ -54,8 +55,8 @@ class MetricsWriter:
             if math.isfinite(v):
                 self._tb.add_scalar(k, v, int(step))
         if self._bar is not None:
-            self._bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in self._show if k in row},
-                                  refresh=False)
+            shown = {k.split("/")[-1]: f"{row[k]:.3g}" for k in self._show if k in row}
+            self._bar.set_postfix(shown, refresh=False)
         return row
 
     def advance(self, n: int = 1) -> None:
@@ -76,7 +77,8 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Rows of a ``metrics.jsonl``; when a resumed run rewrote steps, the last row for a step wins."""
+    """Rows of a ``metrics.jsonl``; when a resumed run rewrote steps, the last row for a step
+    wins."""
     rows: dict[int, dict] = {}
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):

@@ -1,8 +1,11 @@
 """Device meshes and sharding rules: the same code on 1 CPU, 8 GPUs or a TPU pod.
 
-Parallelism is `jax.jit` over a `Mesh` with `NamedSharding` (DESIGN.md §3 rule 9). The batch is split
-over the ``data`` axis; parameters are replicated (an ``fsdp`` axis can shard them when models grow).
-Multi-host: call :func:`initialize_distributed` first on every host; ``jax.devices()`` then spans all
+Parallelism is `jax.jit` over a `Mesh` with `NamedSharding` (DESIGN.md §3 rule 9). The batch is
+split
+over the ``data`` axis; parameters are replicated (an ``fsdp`` axis can shard them when models
+grow).
+Multi-host: call :func:`initialize_distributed` first on every host; ``jax.devices()`` then spans
+all
 hosts and the same mesh code applies.
 """
 from __future__ import annotations
@@ -15,10 +18,20 @@ DATA = "data"
 FSDP = "fsdp"
 
 
-def initialize_distributed(**kwargs) -> None:
-    """Multi-host set-up (``jax.distributed.initialize``); a no-op for a single process."""
-    if kwargs or jax.process_count() > 1:
+_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+                "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def initialize_distributed(**kwargs) -> bool:
+    """Multi-host set-up: ``jax.distributed.initialize(**kwargs)`` when arguments are given or a
+    cluster environment (SLURM, Open MPI, Cloud TPU, ``JAX_COORDINATOR_ADDRESS``) is detected;
+    a no-op for a plain single process. Call it before any other JAX call. Returns whether it
+    initialised."""
+    import os
+    if kwargs or any(os.environ.get(k) for k in _CLUSTER_ENV):
         jax.distributed.initialize(**kwargs)
+        return True
+    return False
 
 
 def make_mesh(num_devices: int | None = None, fsdp: int = 1) -> Mesh:
@@ -53,8 +66,8 @@ def shard_batch(batch, mesh: Mesh):
 
     def put(path, x):
         if x.shape and x.shape[0] % n:
-            raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} has leading size {x.shape[0]}, "
-                             f"not divisible by the {n} devices of the data axis")
+            raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} has leading size "
+                             f"{x.shape[0]}, not divisible by the {n} devices of the data axis")
         return jax.device_put(x, data_sharding(mesh) if x.shape else replicated(mesh))
 
     return jax.tree_util.tree_map_with_path(put, batch)

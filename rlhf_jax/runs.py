@@ -8,7 +8,8 @@ initialises from::
     final/params/         orbax checkpoint of the parameters (a pure dict of arrays)
     final/tokenizer/      the tokenizer (rlhf_jax.data.tokenizers.Tokenizer.save)
 
-Start-up order (big_vision): resume from ``ckpt/`` > init-from a previous stage's ``final/`` > scratch.
+Start-up order (big_vision): resume from ``ckpt/`` > init-from a previous stage's ``final/`` >
+scratch.
 """
 from __future__ import annotations
 

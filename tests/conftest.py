@@ -24,6 +24,7 @@ def mesh8():
     from rlhf_jax import parallel
     return parallel.make_mesh()
 
+
 # Identical programs compiled by different tests (e.g. several runs of the same tiny experiment)
 # are read back from a persistent cache instead of being compiled again.
 jax.config.update("jax_compilation_cache_dir",

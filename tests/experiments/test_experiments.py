@@ -119,3 +119,33 @@ def test_one_ppo_iteration_on_8_devices_matches_1_device(tiny_run):
     assert set(m1) == set(m8)
     for k in m1:
         np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_human_labeling_round_trip_through_export_and_import(tiny_run, tmp_path):
+    cfg, _ = tiny_run
+    base = dataclasses.replace(pipeline.stage_configs(cfg)[1], workdir=str(tmp_path / "collect"),
+                               train_prompts=8, eval_prompts=8)
+    out = collect.train(dataclasses.replace(base, labeler="export"))
+    assert out["stopped_at"] == "waiting for rankings"
+    assert not (tmp_path / "collect" / "summary.json").exists()  # the stage is not finished
+    to_label = tmp_path / "collect" / "to_label"
+    filled = tmp_path / "filled"
+    filled.mkdir()
+    for split in ("train", "eval"):
+        rows = [json.loads(x) for x in open(to_label / f"{split}.jsonl")]
+        assert all(r["ranks"] is None for r in rows)
+        with open(filled / f"{split}.jsonl", "w") as f:
+            for r in rows:  # a "person" ranks the responses in reverse order
+                k = len(r["responses"])
+                f.write(json.dumps(dict(r, ranks=list(range(k))[::-1], labeler="ann")) + "\n")
+    summary = collect.train(dataclasses.replace(base, labeler="import",
+                                                rankings_file=str(filled)))
+    assert summary["train_comparisons"] == 8
+    exported = [json.loads(x) for x in open(to_label / "train.jsonl")]
+    imported = [json.loads(x) for x in open(tmp_path / "collect" / "train.jsonl")]
+    assert [r["responses"] for r in imported] == [r["responses"] for r in exported]
+    assert all(r["ranks"] == list(range(len(r["responses"])))[::-1] and r["labeler"] == "ann"
+               for r in imported)
+    with pytest.raises(FileNotFoundError, match="no train.jsonl"):
+        collect.train(dataclasses.replace(base, workdir=str(tmp_path / "c2"), labeler="import",
+                                          rankings_file=str(tmp_path)))
