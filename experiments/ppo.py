@@ -91,7 +91,7 @@ class Config:
     """Critic = a zero-init value head on the policy's hidden states instead of a separate model."""
     compute_dtype: str = "float32"
     eval_prompts: int = 256
-    eval_every: int = 40
+    eval_every: int = 20
     checkpoint_every: int = 20
     num_devices: int | None = None
     """Devices of the data axis (None: all)."""
