@@ -96,7 +96,7 @@ fi
 run jax_ppo "$JAX_PY" benchmarks/ppo.py
 run jax_train_steps "$JAX_PY" benchmarks/train_steps.py
 if [ "$QUICK" != 0 ]; then
-    run generation "$JAX_PY" benchmarks/generation.py --repeats 2 --batch-sizes 1 8
+    run generation "$JAX_PY" benchmarks/generation.py --repeats 2 --batch-sizes 1 8 32
 else
     run generation "$JAX_PY" benchmarks/generation.py
 fi
