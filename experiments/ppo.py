@@ -50,7 +50,7 @@ class Config:
     gold_path: str | None = "runs/default/gold.pkl"
     """Gold sentiment scorer used for evaluation only (None: skip gold metrics)."""
     data_dir: str | None = None
-    iterations: int = 60
+    iterations: int = 100
     batch_size: int = 64
     """Rollouts per iteration (split over devices)."""
     query_len: int = 16
@@ -79,7 +79,7 @@ class Config:
     kl_coef: float = 0.1
     """Initial β."""
     adaptive_kl: bool = True
-    kl_target: float = 8.0
+    kl_target: float = 10.0
     """Adaptive controller target (nats per response)."""
     kl_horizon: float = 1000.0
     """Adaptive controller horizon H in samples (β moves by at most 20%·batch/H per iteration)."""
