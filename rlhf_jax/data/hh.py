@@ -30,7 +30,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from rlhf_jax.data import tfds_utils
-from rlhf_jax.data.comparisons import iter_jsonl
 from rlhf_jax.data.errors import DataError
 
 BASE_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main"
@@ -114,16 +113,7 @@ class HhRlhf(tfds_utils.RlhfBuilder):
     def _generate_examples(self, files):
         n = 0  # integer keys keep file order (disable_shuffling sorts by key)
         for name, path in files:
-            for lineno, obj in iter_jsonl(path, report=self.report, on_error=self.on_error):
-                where = f"{name}.jsonl:{lineno}"
-                try:
-                    ex = parse_line(obj, where)
-                except DataError as e:
-                    if self.on_error == "raise":
-                        raise
-                    self.report.skip_error(e, key=where)
-                    continue
-                self.report.keep()
+            for lineno, _, ex in self.parsed_jsonl(path, f"{name}.jsonl", parse_line):
                 ex["id"] = f"{name}/{lineno}"
                 yield n, ex
                 n += 1

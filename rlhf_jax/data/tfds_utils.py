@@ -17,7 +17,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rlhf_jax.data.errors import DataReport
+from rlhf_jax.data.errors import DataError, DataReport
 
 ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
 
@@ -52,6 +52,24 @@ class RlhfBuilder(tfds.core.GeneratorBasedBuilder):
         self.on_error = on_error
         self.report = DataReport(name=self.name)
         super().__init__(**kwargs)
+
+    def parsed_jsonl(self, path, label: str, parse):
+        """``(lineno, where, example)`` for every line of a JSONL file that ``parse(obj, where)``
+        accepts (``where = f"{label}:{lineno}"``); a ``DataError`` raises or is counted as a skip
+        in ``self.report``, per ``on_error``."""
+        from rlhf_jax.data.comparisons import iter_jsonl  # comparisons imports this module
+
+        for lineno, obj in iter_jsonl(path, report=self.report, on_error=self.on_error):
+            where = f"{label}:{lineno}"
+            try:
+                ex = parse(obj, where)
+            except DataError as e:
+                if self.on_error == "raise":
+                    raise
+                self.report.skip_error(e, key=where)
+                continue
+            self.report.keep()
+            yield lineno, where, ex
 
     def _features(self) -> tfds.features.FeaturesDict:
         raise NotImplementedError

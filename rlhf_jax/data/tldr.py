@@ -32,7 +32,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from rlhf_jax.data import tfds_utils
-from rlhf_jax.data.comparisons import iter_jsonl
 from rlhf_jax.data.errors import DataError
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/summarize-from-feedback"
@@ -137,16 +136,7 @@ class TldrSft(tfds_utils.RlhfBuilder):
 
     def _generate_examples(self, path, url):
         name = url.rsplit("/", 1)[-1]
-        for lineno, obj in iter_jsonl(path, report=self.report, on_error=self.on_error):
-            where = f"{name}:{lineno}"
-            try:
-                ex = parse_sft(obj, where)
-            except DataError as e:
-                if self.on_error == "raise":
-                    raise
-                self.report.skip_error(e, key=where)
-                continue
-            self.report.keep()
+        for lineno, _, ex in self.parsed_jsonl(path, name, parse_sft):
             yield lineno, ex  # integer keys keep file order (disable_shuffling sorts by key)
 
 
@@ -176,17 +166,7 @@ class TldrComparisons(tfds_utils.RlhfBuilder):
         by_split = {s: [] for s in COMPARISON_SPLITS}
         for batch in COMPARISON_BATCHES:
             name = f"{batch}.json"
-            for lineno, obj in iter_jsonl(paths[batch], report=self.report,
-                                          on_error=self.on_error):
-                where = f"{name}:{lineno}"
-                try:
-                    ex = parse_comparison(obj, where)
-                except DataError as e:
-                    if self.on_error == "raise":
-                        raise
-                    self.report.skip_error(e, key=where)
-                    continue
-                self.report.keep()
+            for _, where, ex in self.parsed_jsonl(paths[batch], name, parse_comparison):
                 ex["source"] = where
                 by_split[ex.pop("split")].append(ex)
         # TFDS cannot write an empty split (only possible with partial or test files).
