@@ -222,9 +222,11 @@ def decode_rows(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # Pipelines.
 
-def _pipeline(n: int, fn: Callable[[int], dict | None], cfg: LoaderConfig,
-              name: str) -> tuple[grain.IterDataset, int]:
-    """index source -> shard -> shuffle -> repeat -> map(fn) -> drop Nones -> IterDataset."""
+def _pipeline(n: int, fn: Callable[[int], dict | None], cfg: LoaderConfig, name: str,
+              report: DataReport) -> tuple[grain.IterDataset, int]:
+    """index source -> shard -> shuffle -> repeat -> map(fn) -> drop Nones -> IterDataset.
+
+    Every index whose ``fn`` returns an example is counted once in ``report.kept``."""
     ds = grain.MapDataset.range(n)
     if cfg.shard_by_process:
         shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
@@ -237,7 +239,14 @@ def _pipeline(n: int, fn: Callable[[int], dict | None], cfg: LoaderConfig,
         ds = ds.shuffle(seed=cfg.seed)
     if cfg.num_epochs != 1:
         ds = ds.repeat(cfg.num_epochs)
-    ds = ds.map(fn)  # None = skipped (and counted by fn); to_iter_dataset drops Nones
+
+    def counted(i):
+        out = fn(i)
+        if out is not None:
+            report.keep(key=int(i))
+        return out
+
+    ds = ds.map(counted)  # None = skipped (and counted by fn); to_iter_dataset drops Nones
     opts = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch)
     return ds.to_iter_dataset(opts), num
 
@@ -281,7 +290,7 @@ def sft_batches(source: Sequence[Mapping], tokenizer, *, max_len: int, cfg: Load
         return encode_prompt_response(tokenizer, prompt, response, max_len, overlong=overlong,
                                       report=report, where=where, key=i)
 
-    ds, n = _pipeline(len(source), fn, cfg, name)
+    ds, n = _pipeline(len(source), fn, cfg, name, report)
     return Batches(_batch(ds, cfg), report, n)
 
 
@@ -304,7 +313,7 @@ def lm_batches(source: Sequence[Mapping], tokenizer, *, max_len: int, cfg: Loade
         ids.append(tokenizer.eos_id)
         return {"tokens": np.asarray(ids, np.int32), "mask": np.ones(len(ids), bool)}
 
-    ds, n = _pipeline(len(source), fn, cfg, name)
+    ds, n = _pipeline(len(source), fn, cfg, name, report)
     packed = grain.experimental.ConcatThenSplitIterDataset(
         ds, length_struct={"tokens": max_len, "mask": max_len})
 
@@ -382,7 +391,7 @@ def comparison_batches(source: Sequence[Mapping], tokenizer, *, max_len: int, cf
 
         if not index:
             raise ValueError(f"{name}: no untied pairs in {len(source)} rankings")
-        ds, n = _pipeline(len(index), fn, cfg, name)
+        ds, n = _pipeline(len(index), fn, cfg, name, report)
         return Batches(_batch(ds, cfg), report, n)
 
     k_max = num_responses or len(record(0)[1])
@@ -409,7 +418,7 @@ def comparison_batches(source: Sequence[Mapping], tokenizer, *, max_len: int, cf
         out["valid"] = np.arange(k_max) < k
         return out
 
-    ds, n = _pipeline(len(source), fn, cfg, name)
+    ds, n = _pipeline(len(source), fn, cfg, name, report)
     return Batches(_batch(ds, cfg), report, n)
 
 
@@ -437,7 +446,7 @@ def prompt_batches(source: Sequence[Mapping], tokenizer, *, max_len: int, cfg: L
         out["text"] = text
         return out
 
-    ds, n = _pipeline(len(source), fn, cfg, name)
+    ds, n = _pipeline(len(source), fn, cfg, name, report)
     return Batches(_batch(ds, cfg), report, n)
 
 

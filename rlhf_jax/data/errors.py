@@ -66,7 +66,12 @@ class DataReport:
         if self._note("modified", reason, message, key):
             self.modified[reason] += 1
 
-    def keep(self, n: int = 1) -> None:
+    def keep(self, n: int = 1, key: Any = None) -> None:
+        """Record ``n`` kept examples; with ``key``, one seen again (next epoch) counts once."""
+        if key is not None:
+            if ("kept", key) in self._seen:
+                return
+            self._seen.add(("kept", key))
         self.kept += n
 
     @property

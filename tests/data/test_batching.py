@@ -41,7 +41,7 @@ def test_sft_overlong_rules(tok):
     src = [long, short]
     b = batching.sft_batches(src, tok, max_len=16, cfg=_cfg(batch_size=1, shuffle=False))
     out = list(b)
-    assert len(out) == 1 and b.report.skipped["too_long"] == 1
+    assert len(out) == 1 and b.report.skipped["too_long"] == 1 and b.report.kept == 1
     assert "sft#0" in b.report.summary() and "max_len 16" in b.report.summary()
     with pytest.raises(DataError, match=r"sft#0.*expected at most max_len=16"):
         list(batching.sft_batches(src, tok, max_len=16, overlong="raise",
@@ -226,7 +226,8 @@ def test_report_deduplicates_across_epochs(tok):
     src = [{"text": "   "}, {"text": "fine"}, {"text": "also fine"}]
     b = batching.prompt_batches(src, tok, max_len=4, cfg=_cfg(batch_size=1, num_epochs=3))
     assert len(list(b)) == 6
-    assert b.report.skipped == {"empty": 1}
+    assert b.report.skipped == {"empty": 1} and b.report.kept == 2
+    assert b.report.summary().startswith("[prompts] kept 2, skipped 1")
     r = DataReport()
     r.skip("x", "m", key=1)
     r.skip("x", "m", key=1)
