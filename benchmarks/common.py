@@ -200,16 +200,18 @@ def train_flops(n_layer: int, d_model: int, vocab: int, seq_len: int, tokens: in
 
 
 def ppo_update_flops(n_layer: int, d_model: int, vocab: int, batch: int, seq_len: int,
-                     epochs: int) -> float:
+                     epochs: int, response: int) -> float:
     """Model FLOPs of the PPO epochs×minibatches update of one iteration.
 
     Every epoch runs forward+backward over the whole rollout batch (split into minibatches) for the
-    policy (with LM head) and the value model (separate backbone, scalar head, no LM head):
-    ``epochs · [train_flops(policy) + train_flops(value)]`` over ``batch · seq_len`` tokens,
-    ``seq_len = query + response``.
+    policy and the value model (separate backbone, scalar head, no LM head) over ``batch · seq_len``
+    tokens, ``seq_len = query + response``. The policy's LM head is counted on the ``batch ·
+    response`` positions whose log-probs the loss uses: logits of query positions are not model
+    work PPO needs (an implementation that computes them spends FLOPs this count leaves out).
     """
     tokens = batch * seq_len
-    policy = train_flops(n_layer, d_model, vocab, seq_len, tokens, lm_head=True)
+    policy = (train_flops(n_layer, d_model, vocab, seq_len, tokens, lm_head=False)
+              + 6.0 * batch * response * vocab * d_model)
     value = train_flops(n_layer, d_model, vocab, seq_len, tokens, lm_head=False)
     return epochs * (policy + value)
 
@@ -423,9 +425,10 @@ def render_results(records: list[dict[str, Any]], machines: list[dict[str, Any]]
         lines += [
             "Model FLOPs per step = tokens · (6·N + 12·L·T·D) for forward+backward (PaLM",
             "appendix B), N = matmul weights (12·L·D² + V·D with the LM head), T = sequence",
-            "length, D = d_model; the PPO update counts policy (with LM head) + value model (no",
-            "LM head) over",
-            "epochs × batch × (query + response) tokens. MFU = achieved FLOP/s / measured matmul",
+            "length, D = d_model; the PPO update counts policy + value model (no LM head) over",
+            "epochs × batch × (query + response) tokens, plus the policy's LM head on the",
+            "epochs × batch × response positions whose log-probs PPO uses (logits of query",
+            "positions are not counted as model work). MFU = achieved FLOP/s / measured matmul",
             "peak of the same dtype from the same run (JAX peak for ours, torch peak for TRL);",
             "the 'MFU vs f32 peak' column always divides by the f32 peak.",
             "",

@@ -87,7 +87,8 @@ def run_case(name: str, warmup: int, iters: int, compute_dtype: str) -> dict:
     update_timing = common.time_fn(update_once, warmup=warmup, iters=iters,
                                    sync=jax.block_until_ready)
     seq = c["query"] + c["response"]
-    flops = common.ppo_update_flops(layers, d, VOCAB, c["batch"], seq, c["epochs"])
+    flops = common.ppo_update_flops(layers, d, VOCAB, c["batch"], seq, c["epochs"],
+                                    c["response"])
     config = dict(layers=layers, d_model=d, heads=heads, vocab=VOCAB, **c, temperature=0.7,
                   compute_dtype=compute_dtype, device=str(jax.devices()[0].device_kind))
     return common.record("ppo", name, "ours", timing, unit="s/iter", dtype=compute_dtype,
@@ -103,13 +104,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None,
+                   help="timed iterations (default 5; 3 for gpt2)")
     p.add_argument("--compute-dtype", nargs="+", default=["float32"],
                    choices=["float32", "bfloat16"])
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    iters = a.iters or (2 if common.quick() else 5)
-    recs = [run_case(n, a.warmup, iters, dt) for n in a.cases for dt in a.compute_dtype]
+
+    def iters(case: str) -> int:  # as baseline/trl_ppo.py: 3 timed gpt2 iterations (~1.5 min each)
+        return a.iters or (2 if common.quick() else 3 if case == "gpt2" else 5)
+
+    recs = [run_case(n, a.warmup, iters(n), dt) for n in a.cases for dt in a.compute_dtype]
     common.write_results(a.out, recs, common.machine_info(str(jax.devices()[0].device_kind)))
 
 

@@ -160,6 +160,14 @@ def score_responses(rm_def, rm_params, prompt_bt, prompt_mask_bt, resp_bt, resp_
     return jnp.take_along_axis(rm_bt, last[:, None], axis=1)[:, 0]
 
 
+def response_logits(lm_def, params, tokens_bt, mask_bt, resp: slice):
+    """``(logits [B, Tr, V], hidden [B, T, D])``: the LM head is applied only at the positions
+    ``resp`` that predict response tokens (on a 50k vocabulary it is the largest matmul)."""
+    model = nnx.merge(lm_def, params)
+    _, hidden, _ = model(tokens_bt, positions_from_mask(mask_bt), mask_bt, compute_logits=False)
+    return model.logits(hidden[:, resp]), hidden
+
+
 def make_iteration(cfg: Config, lm_def, value_def, rm_def, tx, scfg: SamplingConfig,
                    eos_id: int, rm_pool: str = "last"):
     """Builds ``iteration(state, ref_params, rm_params, prompt_tokens, prompt_mask)``.
@@ -175,21 +183,20 @@ def make_iteration(cfg: Config, lm_def, value_def, rm_def, tx, scfg: SamplingCon
 
     def forward(params, tokens_bt, mask_bt):
         """Policy logits ``[B, Tr, V]`` and values ``[B, Tr]`` over the response positions."""
+        logits, hidden = response_logits(lm_def, params["policy"], tokens_bt, mask_bt, resp)
         pos = positions_from_mask(mask_bt)
-        logits, hidden, _ = nnx.merge(lm_def, params["policy"])(tokens_bt, pos, mask_bt)
         critic = nnx.merge(value_def, params["value"])
         values = critic(hidden) if cfg.value_head_on_policy else critic(tokens_bt, pos, mask_bt)
-        return logits[:, resp], values[:, resp]
+        return logits, values[:, resp]
 
     def rollout(state: PPOState, ref_params, rm_params, prompt_bt, prompt_mask_bt, key):
         out = sample_split(lm_def, state.params["policy"], prompt_bt, prompt_mask_bt, key, scfg)
         rmask = out.mask
         tokens = jnp.concatenate([prompt_bt.astype(jnp.int32), out.tokens], axis=1)
         mask = jnp.concatenate([prompt_mask_bt.astype(bool), rmask], axis=1)
-        pos = positions_from_mask(mask)
         logits, values = forward(state.params, tokens, mask)
         logp = losses.token_logprobs(logits, out.tokens, temp)
-        ref_logits = nnx.merge(lm_def, ref_params)(tokens, pos, mask)[0][:, resp]
+        ref_logits, _ = response_logits(lm_def, ref_params, tokens, mask, resp)
         ref_logp = losses.token_logprobs(ref_logits, out.tokens, temp)
         score = score_responses(rm_def, rm_params, prompt_bt, prompt_mask_bt, out.tokens, rmask,
                                 eos_id, rm_pool)
@@ -225,7 +232,9 @@ def make_iteration(cfg: Config, lm_def, value_def, rm_def, tx, scfg: SamplingCon
                                              cfg.clip_eps, cfg.dual_clip)
         vf_loss, vm = losses.ppo_value_loss(values, mb["old_values"], mb["returns"], mb["rmask"],
                                             cfg.value_clip_eps)
-        ent = losses.entropy(logits, mb["rmask"], temp)
+        # Without an entropy bonus the entropy is a metric only: no gradient through it.
+        ent = losses.entropy(logits if cfg.entropy_coef else jax.lax.stop_gradient(logits),
+                             mb["rmask"], temp)
         loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent
         return loss, {**pm, **vm, "ppo/loss": loss, "ppo/entropy": ent}
 
@@ -274,8 +283,7 @@ def make_evaluate(cfg: Config, lm_def, rm_def, scfg: SamplingConfig, eos_id: int
         out = sample_split(lm_def, policy_params, prompt_bt, prompt_mask_bt, key, scfg)
         tokens = jnp.concatenate([prompt_bt.astype(jnp.int32), out.tokens], axis=1)
         mask = jnp.concatenate([prompt_mask_bt.astype(bool), out.mask], axis=1)
-        pos = positions_from_mask(mask)
-        lp = [losses.token_logprobs(nnx.merge(lm_def, p)(tokens, pos, mask)[0][:, resp],
+        lp = [losses.token_logprobs(response_logits(lm_def, p, tokens, mask, resp)[0],
                                     out.tokens, cfg.temperature)
               for p in (policy_params, ref_params)]
         kl_seq = rl.masked_sum(lp[0] - lp[1], out.mask, axis=1)

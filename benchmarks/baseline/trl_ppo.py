@@ -107,7 +107,8 @@ def run_case(name: str, warmup: int, iters: int) -> dict:
     upd = common.summarize(updates[warmup:])
     seq = c["query"] + c["response"]
     n_layer, d, _, _ = _setup.SHAPES[name]
-    update_flops = common.ppo_update_flops(n_layer, d, _setup.VOCAB, c["batch"], seq, c["epochs"])
+    update_flops = common.ppo_update_flops(n_layer, d, _setup.VOCAB, c["batch"], seq, c["epochs"],
+                                           c["response"])
     config = dict(layers=n_layer, d_model=d, heads=_setup.SHAPES[name][2], vocab=_setup.VOCAB,
                   **c, temperature=0.7, threads=threads)
     return common.record(
@@ -124,15 +125,18 @@ def run_case(name: str, warmup: int, iters: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    p.add_argument("--warmup", type=int, default=None, help="dropped iterations (default 2)")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations (default 5)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="dropped iterations (default 2; 1 for gpt2: ~1.5 min each)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="timed iterations (default 5; 3 for gpt2)")
     p.add_argument("--out", default=None, help="JSON output path (also printed)")
     a = p.parse_args()
     q = common.quick()
-    warmup = a.warmup if a.warmup is not None else (1 if q else 2)
-    iters = a.iters if a.iters is not None else (2 if q else 5)
     recs = []
     for name in a.cases:
+        big = name == "gpt2"
+        warmup = a.warmup if a.warmup is not None else (1 if q or big else 2)
+        iters = a.iters if a.iters is not None else (2 if q else 3 if big else 5)
         r = run_case(name, warmup, iters)
         r["quick"] = q
         recs.append(r)

@@ -44,21 +44,27 @@ class KVCache:
     """Keys/values of all layers for ``S`` slots, filled left to right.
 
     Attributes:
-      k: ``[L, B, S, K, H]`` keys (after RoPE for the Llama family).
-      v: ``[L, B, S, K, H]`` values.
+      k: ``L`` arrays ``[B, K, S, H]``, the keys of each layer (after RoPE for the Llama family).
+        Slots sit next to each other per head, so a decoding step reads each head's keys
+        contiguously (on CPU about 3x faster attention than ``[B, S, K, H]``), and one array per
+        layer is updated in place without slicing a layer out of an ``[L, ...]`` array (that
+        slice was a copy of the layer's cache at every step, ~11% of GPT-2 sampling time).
+      v: ``L`` arrays ``[B, K, S, H]``, the values.
       mask: ``[B, S]`` bool, which slots hold real (non-pad) tokens.
       index: int32 scalar, next slot to write.
     """
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     mask: jax.Array
     index: jax.Array
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """An empty cache of ``max_len`` slots for ``batch`` sequences."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    layers = range(cfg.num_layers)
+    return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in layers),
                    mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
 
@@ -150,7 +156,7 @@ class Attention(nnx.Module):
         self.out = _normal(rngs, (n, h, d), 0.02 / math.sqrt(2 * cfg.num_layers))
         self.out_bias = _zeros((d,)) if cfg.family == "gpt2" else None
 
-    def __call__(self, x_btd, allowed_bts, rope, cache_kv, layer: int, index):
+    def __call__(self, x_btd, allowed_bts, rope, cache_kv, index):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
         n, k = cfg.num_heads, cfg.num_kv_heads
         qkv = _mm("btd,dnh->btnh", x_btd, self.qkv[...], dtype)
@@ -160,20 +166,24 @@ class Attention(nnx.Module):
         if rope is not None:
             q, key = apply_rope(q, *rope), apply_rope(key, *rope)
         if cache_kv is not None:
-            # Write this chunk at slots [index, index + T) of layer `layer`, then attend to all S.
+            # Write this chunk at slots [index, index + T) of this layer, then attend to all S.
             k_cache, v_cache = cache_kv
-            start = (layer, 0, index, 0, 0)
-            k_cache = lax.dynamic_update_slice(k_cache, key.astype(k_cache.dtype)[None], start)
-            v_cache = lax.dynamic_update_slice(v_cache, val.astype(v_cache.dtype)[None], start)
-            key, val, cache_kv = k_cache[layer], v_cache[layer], (k_cache, v_cache)
-        out_btnh = attend(q, key, val, allowed_bts, dtype)
+            start = (0, 0, index, 0)
+            k_cache = lax.dynamic_update_slice(  # [B, K, T, H] chunk
+                k_cache, jnp.swapaxes(key, 1, 2).astype(k_cache.dtype), start)
+            v_cache = lax.dynamic_update_slice(
+                v_cache, jnp.swapaxes(val, 1, 2).astype(v_cache.dtype), start)
+            cache_kv = (k_cache, v_cache)
+            out_btnh = attend(q, k_cache, v_cache, allowed_bts, dtype, kv_layout="bksh")
+        else:
+            out_btnh = attend(q, key, val, allowed_bts, dtype)
         y = _mm("btnh,nhd->btd", out_btnh, self.out[...], dtype)
         if self.out_bias is not None:
             y = y + self.out_bias[...][None, None]
         return y, cache_kv
 
 
-def attend(q_btnh, k_bskh, v_bskh, allowed_bts, dtype=jnp.float32):
+def attend(q_btnh, k_bskh, v_bskh, allowed_bts, dtype=jnp.float32, kv_layout: str = "bskh"):
     """``softmax(q k^T / sqrt(H) + mask) v`` with grouped-query heads.
 
     Query head ``n`` uses kv head ``n // G``. The largest intermediate is the ``[B, K, G, T, S]``
@@ -181,20 +191,24 @@ def attend(q_btnh, k_bskh, v_bskh, allowed_bts, dtype=jnp.float32):
 
     Args:
       q_btnh: ``[B, T, N, H]`` queries.
-      k_bskh, v_bskh: ``[B, S, K, H]`` keys and values.
+      k_bskh, v_bskh: ``[B, S, K, H]`` keys and values (``[B, K, S, H]`` with
+        ``kv_layout="bksh"``, the KV cache's layout).
       allowed_bts: ``[B, T, S]`` bool, which keys each query may attend to.
       dtype: matmul input dtype (f32 accumulation).
+      kv_layout: ``"bskh"`` or ``"bksh"``.
 
     Returns:
       ``[B, T, N, H]`` f32.
     """
+    if kv_layout not in ("bskh", "bksh"):
+        raise ValueError(f"attend: kv_layout={kv_layout!r}; expected 'bskh' or 'bksh'")
     b, t, n, h = q_btnh.shape
-    k = k_bskh.shape[2]
+    k = k_bskh.shape[2 if kv_layout == "bskh" else 1]
     q = (q_btnh * (1.0 / math.sqrt(h))).reshape(b, t, k, n // k, h)
-    scores = _mm("btkgh,bskh->bkgts", q, k_bskh, dtype)
+    scores = _mm(f"btkgh,{kv_layout}->bkgts", q, k_bskh, dtype)
     scores = jnp.where(allowed_bts[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = _mm("bkgts,bskh->btkgh", probs, v_bskh, dtype)
+    out = _mm(f"bkgts,{kv_layout}->btkgh", probs, v_bskh, dtype)
     return out.reshape(b, t, n, h)
 
 
@@ -234,8 +248,8 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, allowed_bts, rope, cache_kv, layer: int, index):
-        y, cache_kv = self.attn(self.attn_norm(x_btd), allowed_bts, rope, cache_kv, layer, index)
+    def __call__(self, x_btd, allowed_bts, rope, cache_kv, index):
+        y, cache_kv = self.attn(self.attn_norm(x_btd), allowed_bts, rope, cache_kv, index)
         x_btd = x_btd + y
         return x_btd + self.mlp(self.mlp_norm(x_btd)), cache_kv
 
@@ -252,6 +266,18 @@ class Transformer(nnx.Module):
         self.final_norm = Norm(cfg)
         self.lm_head = (None if cfg.tie_embeddings else
                         _normal(rngs, (cfg.d_model, cfg.vocab_size), 0.02))
+
+    def logits(self, hidden_btd: jax.Array) -> jax.Array:
+        """The LM head: f32 ``[B, T, V]`` logits of final hidden states ``[B, T, D]``.
+
+        Call it on a slice of ``hidden`` (``compute_logits=False``) when only some positions
+        need logits, e.g. the response tokens in PPO: the head is the largest matmul of a small
+        model with a 50k vocabulary.
+        """
+        dtype = jnp.dtype(self.cfg.compute_dtype)
+        if self.lm_head is None:
+            return _mm("btd,vd->btv", hidden_btd, self.embed[...], dtype)
+        return _mm("btd,dv->btv", hidden_btd, self.lm_head[...], dtype)
 
     def __call__(self, tokens_bt, positions_bt, attention_mask_bt, cache: KVCache | None = None,
                  *, compute_logits: bool = True):
@@ -289,30 +315,28 @@ class Transformer(nnx.Module):
                 if cfg.family == "llama" else None)
 
         if cache is None:
-            q_slot, k_slot, key_mask_bs, index, cache_kv = (jnp.arange(t), jnp.arange(t), mask_bt,
-                                                            0, None)
+            q_slot, k_slot, key_mask_bs, index = jnp.arange(t), jnp.arange(t), mask_bt, 0
         else:
-            if cache.k.shape[1] != b or cache.k.shape[2] < t:
-                raise ValueError(f"Transformer: cache k {cache.k.shape} [L, B, S, K, H] does not "
-                                 f"fit a chunk of B={b}, T={t}")
+            if (len(cache.k) != cfg.num_layers or cache.k[0].shape[0] != b
+                    or cache.k[0].shape[2] < t):
+                raise ValueError(f"Transformer: cache k {len(cache.k)} x {cache.k[0].shape} "
+                                 f"(L x [B, K, S, H]) does not fit L={cfg.num_layers} layers "
+                                 f"and a chunk of B={b}, T={t}")
             index = cache.index
             key_mask_bs = lax.dynamic_update_slice(cache.mask, mask_bt, (0, index))
-            q_slot, k_slot = index + jnp.arange(t), jnp.arange(cache.k.shape[2])
-            cache_kv = (cache.k, cache.v)
+            q_slot, k_slot = index + jnp.arange(t), jnp.arange(cache.k[0].shape[2])
         causal_ts = k_slot[None, :] <= q_slot[:, None]
         allowed_bts = causal_ts[None] & key_mask_bs[:, None, :]
 
+        new_k, new_v = [], []
         for layer, block in enumerate(self.blocks):
-            x, cache_kv = block(x, allowed_bts, rope, cache_kv, layer, index)
+            layer_kv = None if cache is None else (cache.k[layer], cache.v[layer])
+            x, layer_kv = block(x, allowed_bts, rope, layer_kv, index)
+            new_k.append(None if layer_kv is None else layer_kv[0])
+            new_v.append(None if layer_kv is None else layer_kv[1])
         hidden = self.final_norm(x)
 
-        logits = None
-        if compute_logits:
-            dtype = jnp.dtype(cfg.compute_dtype)
-            if self.lm_head is None:
-                logits = _mm("btd,vd->btv", hidden, self.embed[...], dtype)
-            else:
-                logits = _mm("btd,dv->btv", hidden, self.lm_head[...], dtype)
+        logits = self.logits(hidden) if compute_logits else None
         if cache is not None:
-            cache = KVCache(k=cache_kv[0], v=cache_kv[1], mask=key_mask_bs, index=index + t)
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=key_mask_bs, index=index + t)
         return logits, hidden, cache
