@@ -26,8 +26,9 @@ and each record is a flat dict::
 
 ``update_results_md`` renders all records found in ``benchmarks/out/*.json`` into
 ``benchmarks/RESULTS.md``, pairing ``side="ours"`` with ``side="trl"`` records of the same
-(bench, case, dtype) and printing the speed-up; it keeps the ``## Generation`` section (written by
-``benchmarks/generation.py``) as it finds it.
+(bench, case, dtype) and printing the speed-up; it keeps the sections it does not write (the
+``## Generation`` section written by ``benchmarks/generation.py``, a GPU run's section) as it finds
+them.
 """
 
 from __future__ import annotations
@@ -294,6 +295,36 @@ def _peak(records: list[dict[str, Any]], side: str, dtype: str) -> dict[str, Any
     return best
 
 
+def _limit_rows(records: list[dict[str, Any]]) -> list[list[str]]:
+    """Rows of the "how far a speed-up can go" table (see ``render_results``)."""
+    peak = _peak(records, "jax", "float32")
+    if not peak:
+        return []
+    by_key = {(r["bench"], r["case"], _side(r), r.get("dtype", "float32")): r for r in records}
+    rows = []
+    for (bench, case), target in TARGETS.items():
+        trl = by_key.get((bench, case, "trl", "float32"))
+        ours = by_key.get((bench, case, "ours", "float32"))
+        if not trl or not ours:
+            continue
+        if bench == "ppo":  # the update is the part with a FLOP count; the rollout is not bounded
+            if not (trl.get("update_s") and ours.get("mfu_part")):
+                continue
+            what, flops = f"{case} PPO update", ours["mfu_part"]["flops"]
+            trl_s, ours_s = trl["update_s"]["median"], ours["mfu_part"]["median"]
+        else:
+            if not ours.get("flops"):
+                continue
+            what, flops, trl_s, ours_s = f"{case} {bench} step", ours["flops"], trl["median"], \
+                ours["median"]
+        floor = flops / peak["value"]
+        rows.append([what, f"{flops / 1e12:.3f}", _fmt_s(floor), _fmt_s(trl_s),
+                     f"{trl_s / floor:.2f}×", f"≥{target:g}× (whole {bench} "
+                     f"{'iteration' if bench == 'ppo' else 'step'})", _fmt_s(ours_s),
+                     f"{trl_s / ours_s:.2f}×"])
+    return rows
+
+
 def _shape_text(cfg: dict[str, Any] | None) -> str:
     if not cfg:
         return ""
@@ -315,7 +346,7 @@ _SECTIONS = [
 
 
 def render_results(records: list[dict[str, Any]], machines: list[dict[str, Any]]) -> str:
-    """Markdown for everything except the ``## Generation`` section."""
+    """Markdown for everything except the sections other scripts or people write."""
     by_key: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for r in records:
         by_key[(r["bench"], r["case"], _side(r), r.get("dtype", "float32"))] = r
@@ -413,6 +444,20 @@ def render_results(records: list[dict[str, Any]], machines: list[dict[str, Any]]
                 f"{mfu:.1%}" if mfu is not None else "—",
                 f"{mfu32:.1%}" if mfu32 is not None else "—", target or "—",
             ])
+    limit_rows = _limit_rows(records)
+    if limit_rows:
+        lines += ["## How far a speed-up can go on this machine", ""]
+        lines += [
+            "The least time a step can take is its model FLOPs divided by the measured f32 matmul",
+            "peak (JAX's, the faster one). TRL seconds divided by that floor is the largest",
+            "speed-up any implementation doing the same model work could show here; a target",
+            "above it cannot be met on this machine by code alone.",
+            "",
+        ]
+        lines += _table(["what", "model TFLOP", "floor s (at JAX f32 peak)", "TRL s",
+                         "largest possible speed-up", "target", "ours s", "our speed-up"],
+                        limit_rows)
+        lines.append("")
     peaks = [r for r in records if r["bench"] == "peak"]
     if peaks:
         lines += ["## Measured matmul peak", ""]
@@ -439,21 +484,21 @@ def render_results(records: list[dict[str, Any]], machines: list[dict[str, Any]]
     return "\n".join(lines)
 
 
-_GEN_RE = re.compile(r"^## Generation\b.*?(?=^## |\Z)", re.S | re.M)
+_SECTION_RE = re.compile(r"^## (.*?)\n.*?(?=^## |\Z)", re.S | re.M)
 
 
 def update_results_md(records: list[dict[str, Any]], machines: list[dict[str, Any]],
                       path: str = RESULTS_MD) -> str:
-    """Rewrites ``path`` from ``records``, keeping its ``## Generation`` section verbatim."""
-    generation = ""
+    """Rewrites ``path`` from ``records``, keeping verbatim every ``## `` section that the
+    records do not produce: ``## Generation`` (written by ``generation.py``) and hand-written
+    ones such as a GPU run's figures."""
+    text = render_results(records, machines).rstrip() + "\n"
+    ours = {m.group(1) for m in _SECTION_RE.finditer(text)}
     if os.path.exists(path):
         with open(path) as f:
-            m = _GEN_RE.search(f.read())
-        if m:
-            generation = m.group(0).rstrip() + "\n"
-    text = render_results(records, machines).rstrip() + "\n"
-    if generation:
-        text += "\n" + generation
+            for m in _SECTION_RE.finditer(f.read()):
+                if m.group(1) not in ours:
+                    text += "\n" + m.group(0).rstrip() + "\n"
     with open(path, "w") as f:
         f.write(text)
     return text
