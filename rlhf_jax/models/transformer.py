@@ -102,6 +102,24 @@ def _mm(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
+def _dense(x: jax.Array, w: jax.Array, dtype, n_in: int = 1) -> jax.Array:
+    """``x [..., *in] · w [*in, *out] -> [..., *out]`` (the last ``n_in`` axes of ``x``
+    contracted with the first ``n_in`` of ``w``) as one 2-D matmul ``[rows, in] · [in, out]``,
+    compute-dtype inputs, f32 accumulation/output.
+
+    Same math as the ``einsum``; written as a plain 2-D ``dot`` because XLA's CPU backend then
+    avoids transposing loop fusions in the backward pass (GPT-2-width reward-model step, 4
+    layers: 3.1-3.4 s instead of 3.8-4.2 s).
+    """
+    lead, ins = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
+    if w.shape[:n_in] != ins:
+        raise ValueError(f"_dense: x {x.shape} and w {w.shape} do not share {n_in} axes")
+    k = math.prod(ins)
+    y = jnp.dot(x.reshape(-1, k).astype(dtype), w.reshape(k, -1).astype(dtype),
+                preferred_element_type=jnp.float32)
+    return y.reshape(lead + w.shape[n_in:])
+
+
 class Norm(nnx.Module):
     """LayerNorm (gpt2) or RMSNorm (llama) over the last axis, computed in f32."""
 
@@ -159,7 +177,7 @@ class Attention(nnx.Module):
     def __call__(self, x_btd, allowed_bts, rope, cache_kv, index):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
         n, k = cfg.num_heads, cfg.num_kv_heads
-        qkv = _mm("btd,dnh->btnh", x_btd, self.qkv[...], dtype)
+        qkv = _dense(x_btd, self.qkv[...], dtype)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...][None, None]
         q, key, val = qkv[:, :, :n], qkv[:, :, n:n + k], qkv[:, :, n + k:]
@@ -177,7 +195,7 @@ class Attention(nnx.Module):
             out_btnh = attend(q, k_cache, v_cache, allowed_bts, dtype, kv_layout="bksh")
         else:
             out_btnh = attend(q, key, val, allowed_bts, dtype)
-        y = _mm("btnh,nhd->btd", out_btnh, self.out[...], dtype)
+        y = _dense(out_btnh, self.out[...], dtype, n_in=2)
         if self.out_bias is not None:
             y = y + self.out_bias[...][None, None]
         return y, cache_kv
@@ -230,13 +248,13 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd):
         dtype = jnp.dtype(self.cfg.compute_dtype)
-        up = _mm("btd,df->btf", x_btd, self.up[...], dtype)
+        up = _dense(x_btd, self.up[...], dtype)
         if self.gate is None:
             hidden = jax.nn.gelu(up + self.up_bias[...][None, None], approximate=True)
-            out = _mm("btf,fd->btd", hidden, self.down[...], dtype)
+            out = _dense(hidden, self.down[...], dtype)
             return out + self.down_bias[...][None, None]
-        hidden = jax.nn.silu(_mm("btd,df->btf", x_btd, self.gate[...], dtype)) * up
-        return _mm("btf,fd->btd", hidden, self.down[...], dtype)
+        hidden = jax.nn.silu(_dense(x_btd, self.gate[...], dtype)) * up
+        return _dense(hidden, self.down[...], dtype)
 
 
 class Block(nnx.Module):
@@ -277,7 +295,7 @@ class Transformer(nnx.Module):
         dtype = jnp.dtype(self.cfg.compute_dtype)
         if self.lm_head is None:
             return _mm("btd,vd->btv", hidden_btd, self.embed[...], dtype)
-        return _mm("btd,dv->btv", hidden_btd, self.lm_head[...], dtype)
+        return _dense(hidden_btd, self.lm_head[...], dtype)
 
     def __call__(self, tokens_bt, positions_bt, attention_mask_bt, cache: KVCache | None = None,
                  *, compute_logits: bool = True):
