@@ -346,15 +346,15 @@ class Transformer(nnx.Module):
         causal_ts = k_slot[None, :] <= q_slot[:, None]
         allowed_bts = causal_ts[None] & key_mask_bs[:, None, :]
 
-        new_k, new_v = [], []
+        new_kv = []  # (k, v) of each layer after this chunk; only with a cache
         for layer, block in enumerate(self.blocks):
             layer_kv = None if cache is None else (cache.k[layer], cache.v[layer])
             x, layer_kv = block(x, allowed_bts, rope, layer_kv, index)
-            new_k.append(None if layer_kv is None else layer_kv[0])
-            new_v.append(None if layer_kv is None else layer_kv[1])
+            new_kv.append(layer_kv)
         hidden = self.final_norm(x)
 
         logits = self.logits(hidden) if compute_logits else None
         if cache is not None:
-            cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=key_mask_bs, index=index + t)
+            cache = KVCache(k=tuple(k for k, _ in new_kv), v=tuple(v for _, v in new_kv),
+                            mask=key_mask_bs, index=index + t)
         return logits, hidden, cache
