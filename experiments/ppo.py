@@ -66,7 +66,7 @@ class Config:
     """Score given to responses without ``stop_token`` (lm-human-preferences: -1)."""
     ppo_epochs: int = 2
     num_minibatches: int = 2
-    learning_rate: float = 1e-4
+    learning_rate: float = 2e-4
     """Adam step size, decayed linearly to 0 over all updates."""
     max_grad_norm: float = 1.0
     clip_eps: float = 0.2
