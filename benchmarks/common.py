@@ -300,7 +300,7 @@ def _limit_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     peak = _peak(records, "jax", "float32")
     if not peak:
         return []
-    by_key = {(r["bench"], r["case"], _side(r), r.get("dtype", "float32")): r for r in records}
+    by_key = _by_key(records)
     rows = []
     for (bench, case), target in TARGETS.items():
         trl = by_key.get((bench, case, "trl", "float32"))
@@ -338,6 +338,11 @@ def _side(r: dict[str, Any]) -> str:
     return "ours" if r["side"] in ("ours", "jax") and r["bench"] != "peak" else r["side"]
 
 
+def _by_key(records: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], dict[str, Any]]:
+    """Records by ``(bench, case, side, dtype)``, with our records under side "ours"."""
+    return {(r["bench"], r["case"], _side(r), r.get("dtype", "float32")): r for r in records}
+
+
 _SECTIONS = [
     ("ppo", "PPO iteration (rollout + scoring + update)", "s/iter"),
     ("reward", "Reward-model training step (Bradley–Terry, pairs)", "s/step"),
@@ -347,9 +352,7 @@ _SECTIONS = [
 
 def render_results(records: list[dict[str, Any]], machines: list[dict[str, Any]]) -> str:
     """Markdown for everything except the sections other scripts or people write."""
-    by_key: dict[tuple[str, str, str, str], dict[str, Any]] = {}
-    for r in records:
-        by_key[(r["bench"], r["case"], _side(r), r.get("dtype", "float32"))] = r
+    by_key = _by_key(records)
     lines = ["# Benchmark results", ""]
     lines += [
         "Written by `benchmarks/run_all.sh` (`make bench`); see `benchmarks/README.md` for what",
