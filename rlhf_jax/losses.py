@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.rl import _bool, check_shapes, explained_variance, masked_mean, masked_var
+from rlhf_jax.masked import as_bool, check_shapes, explained_variance, masked_mean, masked_var
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -121,7 +121,7 @@ def lm_loss(logits: Array, tokens: Array, loss_mask: Array,
     check_shapes("lm_loss", [("logits", logits, "BTV"), ("tokens", tokens, "BT"),
                              ("loss_mask", loss_mask, "BT"), ("temperature", temperature, "")])
     logp = token_logprobs(logits[:, :-1], tokens[:, 1:], temperature)
-    m = _bool(loss_mask)[:, 1:]
+    m = as_bool(loss_mask)[:, 1:]
     loss = -masked_mean(logp, m)
     correct = jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]
     metrics = {
@@ -165,7 +165,7 @@ def bradley_terry_loss(r_chosen: Array, r_rejected: Array, margin: float | Array
     if mask is not None:
         specs.append(("mask", mask, "B"))
     check_shapes("bradley_terry_loss", specs)
-    m = jnp.ones(jnp.shape(r_chosen), bool) if mask is None else _bool(mask)
+    m = jnp.ones(jnp.shape(r_chosen), bool) if mask is None else as_bool(mask)
     diff = r_chosen - r_rejected
     loss = masked_mean(-jax.nn.log_sigmoid(diff - margin), m)
     metrics = {
@@ -197,7 +197,7 @@ def ranking_pairs(ranks: Array,
     ri, rj = ranks[:, i], ranks[:, j]
     pair_mask = ri != rj
     if valid is not None:
-        v = _bool(valid)
+        v = as_bool(valid)
         pair_mask = pair_mask & v[:, i] & v[:, j]
     return i, j, ri < rj, pair_mask
 
@@ -265,7 +265,7 @@ def best_of_k_loss(rewards: Array, best: Array,
     if valid is None:
         v = jnp.ones(jnp.shape(rewards), bool)
     else:
-        v = _bool(valid)
+        v = as_bool(valid)
     z = jnp.where(v, rewards, -jnp.inf)
     row = jnp.any(v, axis=1)
     lse = jax.nn.logsumexp(jnp.where(row[:, None], z, 0), axis=1)

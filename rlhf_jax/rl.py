@@ -1,5 +1,5 @@
-"""RL math for RLHF as pure array functions: masked statistics, GAE, KL estimators and shaping,
-KL-coefficient controllers, reward normalisation and response truncation.
+"""RL math for RLHF as pure array functions: GAE, KL estimators and shaping, KL-coefficient
+controllers, reward normalisation and response truncation (masked statistics: ``rlhf_jax.masked``).
 
 Conventions: ``B`` batch, ``T`` tokens, ``K`` responses per prompt. A ``mask`` is True/nonzero on
 real tokens and False/zero on padding; responses are right-padded (real tokens first). Every
@@ -9,11 +9,13 @@ checked at every public function: an array of the wrong rank (e.g. values ``[B, 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+# The masked statistics live in rlhf_jax.masked; they are re-exported here for convenience.
+from rlhf_jax.masked import (as_bool, check_same_shape, check_shapes, explained_variance,
+                             masked_mean, masked_sum, masked_var, masked_whiten)
 
 Array = jax.Array
 
@@ -36,155 +38,6 @@ __all__ = [
     "truncate_after_eos",
     "apply_missing_eos_penalty",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# Shape checks
-# --------------------------------------------------------------------------------------------
-def check_shapes(fn: str, specs: Sequence[tuple[str, Any, str]]) -> dict[str, int]:
-    """Checks ranks and named dimensions of arrays at a public boundary.
-
-    Each spec is ``(argument_name, array, dims)`` where ``dims`` is a string with one letter per
-    axis (``"BT"``, ``"BTV"``, ``""`` for a scalar); ``_`` matches any size. A letter seen twice
-    must have the same size everywhere.
-
-    Args:
-      fn: name of the calling function, used in the error message.
-      specs: the arrays to check, in the order their dimensions are bound.
-
-    Returns:
-      The bound dimension sizes, e.g. ``{"B": 4, "T": 16}``.
-
-    Raises:
-      ValueError: naming the argument, its shape and the expected shape.
-    """
-    dims: dict[str, int] = {}
-    origin: dict[str, str] = {}
-    for name, x, spec in specs:
-        shape = tuple(jnp.shape(x))
-        expected = "[" + ", ".join(spec) + "]"
-        if len(shape) != len(spec):
-            bound = tuple(dims.get(d, d) for d in spec)
-            raise ValueError(f"{fn}: `{name}` has shape {shape} (rank {len(shape)}); expected "
-                             f"{expected} (rank {len(spec)}) = {bound}")
-        for d, n in zip(spec, shape):
-            if d == "_":
-                continue
-            if d in dims and dims[d] != n:
-                bound = tuple(dims.get(e, e) for e in spec)
-                raise ValueError(f"{fn}: `{name}` has shape {shape}; expected {expected} = {bound} "
-                                 f"({d}={dims[d]} from `{origin[d]}`)")
-            if d not in dims:
-                dims[d] = n
-                origin[d] = name
-    return dims
-
-
-def _bool(mask: Array) -> Array:
-    mask = jnp.asarray(mask)
-    return mask if mask.dtype == jnp.bool_ else mask != 0
-
-
-# --------------------------------------------------------------------------------------------
-# Masked statistics
-# --------------------------------------------------------------------------------------------
-def masked_sum(x: Array, mask: Array, axis: int | Sequence[int] | None = None) -> Array:
-    """``Σ_i x_i·m_i``; padded entries are excluded with ``where`` (so inf/NaN there cannot leak).
-
-    Args:
-      x: array of any shape.
-      mask: same shape as ``x``; True/nonzero marks real entries.
-      axis: axes to reduce (default all).
-    """
-    _check_same("masked_sum", x, mask)
-    return jnp.sum(jnp.where(_bool(mask), x, 0), axis=axis)
-
-
-def masked_mean(x: Array, mask: Array, axis: int | Sequence[int] | None = None) -> Array:
-    """Masked mean ``Σ x·m / max(Σ m, 1)``: a fully masked input gives 0, not NaN.
-
-    Args:
-      x: array of any shape (e.g. ``[B, T]``).
-      mask: same shape as ``x``; True/nonzero marks real entries.
-      axis: axes to reduce (default all).
-    """
-    _check_same("masked_mean", x, mask)
-    m = _bool(mask)
-    n = jnp.sum(m, axis=axis)
-    total = jnp.sum(jnp.where(m, x, 0), axis=axis)
-    return total / jnp.maximum(n, 1).astype(total.dtype)
-
-
-def masked_var(x: Array, mask: Array, unbiased: bool = True) -> Array:
-    """Masked variance over all entries: ``Σ m·(x − μ)² / (n − 1)`` (unbiased) or ``/ n``.
-
-    Fewer than two real entries give 0 (the Bessel factor ``n/(n−1)`` is skipped, the biased
-    variance of ≤1 value is 0), so the result is never NaN.
-
-    Args:
-      x: array of any shape.
-      mask: same shape as ``x``.
-      unbiased: apply Bessel's correction.
-    """
-    _check_same("masked_var", x, mask)
-    # Zero the padding first: `where` alone would still give NaN gradients for NaN padding.
-    x = jnp.where(_bool(mask), x, 0)
-    mean = masked_mean(x, mask)
-    var = masked_mean(jnp.square(x - mean), mask)
-    if unbiased:
-        n = jnp.sum(_bool(mask)).astype(var.dtype)
-        var = var * n / jnp.maximum(n - 1, 1)
-    return var
-
-
-def masked_whiten(x: Array, mask: Array, shift_mean: bool = True, eps: float = 1e-8) -> Array:
-    """Masked whitening ``(x − μ) / sqrt(σ² + eps)`` with μ, σ² (unbiased) over real entries only.
-
-    lm-human-preferences whitens advantages over the padded batch; here padding is excluded from the
-    statistics and set to 0 in the output. With ``shift_mean=False`` the mean is added back (used
-    for rewards: rescale without recentring).
-
-    Args:
-      x: array, e.g. advantages ``[B, T]``.
-      mask: same shape as ``x``.
-      shift_mean: subtract the mean (True) or only rescale (False).
-      eps: added to the variance.
-
-    Returns:
-      Array shaped like ``x``; 0 on padding (and everywhere if fully masked).
-    """
-    _check_same("masked_whiten", x, mask)
-    x = jnp.where(_bool(mask), x, 0)
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
-    out = (x - mean) * jax.lax.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return jnp.where(_bool(mask), out, 0)
-
-
-def explained_variance(pred: Array, target: Array, mask: Array) -> Array:
-    """Explained variance ``1 − Var[target − pred] / Var[target]`` over real entries.
-
-    1 is a perfect value function, 0 no better than a constant, negative worse. When the target has
-    zero variance the statistic is undefined and 0 is returned.
-
-    Args:
-      pred: predictions, e.g. values ``[B, T]``.
-      target: e.g. returns ``[B, T]``.
-      mask: ``[B, T]``.
-    """
-    _check_same("explained_variance", pred, mask, "pred")
-    _check_same("explained_variance", target, mask, "target")
-    var_t = masked_var(target, mask, unbiased=False)
-    var_e = masked_var(target - pred, mask, unbiased=False)
-    return jnp.where(var_t > 0, 1.0 - var_e / jnp.where(var_t > 0, var_t, 1.0), 0.0)
-
-
-def _check_same(fn: str, x: Array, mask: Array, xname: str = "x", mname: str = "mask") -> None:
-    if tuple(jnp.shape(x)) != tuple(jnp.shape(mask)):
-        raise ValueError(f"{fn}: `{mname}` has shape {tuple(jnp.shape(mask))}; expected the shape "
-                         f"of `{xname}` {tuple(jnp.shape(x))} (no broadcasting)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,7 +70,7 @@ def gae(rewards: Array, values: Array, mask: Array, gamma: float | Array,
     check_shapes("gae", [("rewards", rewards, "BT"), ("values", values, "BT"),
                          ("mask", mask, "BT"), ("gamma", gamma, ""), ("lam", lam, "")])
     dtype = jnp.result_type(rewards, values, jnp.float32)
-    m = _bool(mask)
+    m = as_bool(mask)
     r = jnp.where(m, rewards, 0).astype(dtype)
     v = jnp.where(m, values, 0).astype(dtype)
 
@@ -264,7 +117,7 @@ def kl_estimate(logp: Array, ref_logp: Array, estimator: str = "k1",
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimate: `estimator` is {estimator!r}; expected one of "
                          f"{KL_ESTIMATORS}")
-    _check_same("kl_estimate", logp, ref_logp, "logp", "ref_logp")
+    check_same_shape("kl_estimate", logp, ref_logp, "logp", "ref_logp")
     log_r = ref_logp - logp
     if estimator == "k1":
         return -log_r
@@ -300,7 +153,7 @@ def kl_shaped_rewards(score: Array, logp: Array, ref_logp: Array, mask: Array,
     check_shapes("kl_shaped_rewards", [("score", score, "B"), ("logp", logp, "BT"),
                                        ("ref_logp", ref_logp, "BT"), ("mask", mask, "BT"),
                                        ("kl_coef", kl_coef, "")])
-    m = _bool(mask)
+    m = as_bool(mask)
     kl = jnp.where(m, kl_estimate(logp, ref_logp, estimator), 0)
     t = jnp.arange(m.shape[1])
     last = jnp.max(jnp.where(m, t[None, :], -1), axis=1)  # -1 for an empty row
@@ -447,4 +300,4 @@ def apply_missing_eos_penalty(scores: Array, contains_eos: Array,
     check_shapes("apply_missing_eos_penalty", [("scores", scores, "B"),
                                                ("contains_eos", contains_eos, "B"),
                                                ("penalty", penalty, "")])
-    return jnp.where(_bool(contains_eos), scores, jnp.asarray(penalty, scores.dtype))
+    return jnp.where(as_bool(contains_eos), scores, jnp.asarray(penalty, scores.dtype))

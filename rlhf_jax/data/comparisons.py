@@ -23,7 +23,6 @@ TFDS: :class:`Comparisons` (``rlhf_comparisons``) builds one split per JSONL fil
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import math
@@ -36,7 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from rlhf_jax.data import tfds_utils
-from rlhf_jax.data.errors import DataError, DataReport
+from rlhf_jax.data.errors import DataError, DataReport, handle_error, iter_jsonl
 
 REQUIRED = {"id": str, "prompt": str, "responses": list, "ranks": list, "labeler": str,
             "policies": list}
@@ -123,46 +122,6 @@ def validate_comparison(obj: Any, where: str, *, require_ranks: bool = True) -> 
     return out
 
 
-def iter_jsonl(path, *, report: DataReport | None = None, on_error: str = "raise"):
-    """Yields ``(line_number, parsed_object)`` from a JSONL file, 1-based line numbers.
-
-    Bytes that are not UTF-8 and malformed JSON raise :class:`DataError` (``"path:line"``) or,
-    with ``on_error="skip"``, are counted in ``report`` and skipped. Blank lines are ignored.
-    Gzip files (recognised by their magic bytes) are decompressed on the fly.
-    """
-    path = str(path)
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(where, "not_utf8", f"bytes are not valid UTF-8 at byte "
-                                    f"{e.start} of the line ({raw[e.start:e.start + 4]!r})") from e
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(where, "bad_json", f"malformed JSON at column {e.colno}: "
-                                    f"{e.msg}") from e
-            except DataError as e:
-                _handle(e, report, on_error)
-                continue
-            yield lineno, obj
-
-
-def _handle(err: DataError, report: DataReport | None, on_error: str) -> None:
-    if on_error == "raise":
-        raise err
-    if report is None:
-        raise ValueError("on_error='skip' needs a DataReport to count skipped records") from err
-    report.skip_error(err, key=err.where)
-
-
 def read_comparisons(path, *, on_error: str = "raise", report: DataReport | None = None,
                      require_ranks: bool = True, with_location: bool = False) -> list[dict]:
     """Reads and validates a comparisons JSONL file (schema in the module docstring).
@@ -186,7 +145,7 @@ def read_comparisons(path, *, on_error: str = "raise", report: DataReport | None
                 raise DataError(where, "duplicate_id", f"id {rec['id']!r} already used at line "
                                 f"{seen[rec['id']]}", "id")
         except DataError as e:
-            _handle(e, report, on_error)
+            handle_error(e, report, on_error)
             continue
         seen[rec["id"]] = lineno
         if with_location:
@@ -291,7 +250,7 @@ def import_rankings(path, *, labeler: str | None = None, on_error: str = "raise"
                 if not rec["labeler"]:
                     raise DataError(where, "missing_field", "expected a labeler name", "labeler")
             except DataError as e:
-                _handle(e, report, on_error)
+                handle_error(e, report, on_error)
                 continue
             out.append(rec)
             if report is not None:
@@ -340,7 +299,7 @@ def import_rankings(path, *, labeler: str | None = None, on_error: str = "raise"
             if not rec["labeler"]:
                 raise DataError(g["where"], "missing_field", "expected a labeler name", "labeler")
         except DataError as e:
-            _handle(e, report, on_error)
+            handle_error(e, report, on_error)
             continue
         out.append(rec)
         if report is not None:

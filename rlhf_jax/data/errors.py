@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gzip
 import json
 from typing import Any
 
@@ -105,3 +106,44 @@ class DataReport:
                 for msg in self.examples.get(f"{kind}:{reason}", []):
                     lines.append(f"    e.g. {msg[:300]}")
         return "\n".join(lines)
+
+
+def iter_jsonl(path, *, report: DataReport | None = None, on_error: str = "raise"):
+    """Yields ``(line_number, parsed_object)`` from a JSONL file, 1-based line numbers.
+
+    Bytes that are not UTF-8 and malformed JSON raise :class:`DataError` (``"path:line"``) or,
+    with ``on_error="skip"``, are counted in ``report`` and skipped. Blank lines are ignored.
+    Gzip files (recognised by their magic bytes) are decompressed on the fly.
+    """
+    path = str(path)
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(where, "not_utf8", f"bytes are not valid UTF-8 at byte "
+                                    f"{e.start} of the line ({raw[e.start:e.start + 4]!r})") from e
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(where, "bad_json", f"malformed JSON at column {e.colno}: "
+                                    f"{e.msg}") from e
+            except DataError as e:
+                handle_error(e, report, on_error)
+                continue
+            yield lineno, obj
+
+
+def handle_error(err: DataError, report: "DataReport | None", on_error: str) -> None:
+    """Raises ``err`` (``on_error="raise"``) or counts it as a skip in ``report``."""
+    if on_error == "raise":
+        raise err
+    if report is None:
+        raise ValueError("on_error='skip' needs a DataReport to count skipped records") from err
+    report.skip_error(err, key=err.where)

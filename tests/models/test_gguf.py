@@ -282,7 +282,7 @@ def test_logits_equal_hf_named_load(tiny_gguf, hf_tensors):
 @pytest.mark.slow
 def test_smollm2_says_paris():
     """The real SmolLM2-135M-Instruct Q4_1 GGUF, greedy: 'What is the capital of France?'."""
-    from rlhf_jax.models import chat
+    from rlhf_jax import chat
     path = gg.smollm2_path()
     tok = tk.from_gguf(path)
     assert tok.chat_template and tok.eos_id == tok.token_to_id("<|im_end|>")
@@ -299,7 +299,7 @@ def test_smollm2_logits_match_transformers():
     transformers = pytest.importorskip("transformers")
     import jax.numpy as jnp
 
-    from rlhf_jax.models import chat
+    from rlhf_jax import chat
     cfg, tensors = gg.read_gguf(gg.smollm2_path())
     _, lm, tok = chat.load("smollm2")
     ids = tok.encode("The movie was a delight from start to finish, and the score 10/10.")

