@@ -6,6 +6,7 @@ record, field) and what was expected, or is skipped by a documented rule and cou
 """
 from __future__ import annotations
 
+import codecs
 import collections
 import dataclasses
 import gzip
@@ -113,7 +114,9 @@ def iter_jsonl(path, *, report: DataReport | None = None, on_error: str = "raise
 
     Bytes that are not UTF-8 and malformed JSON raise :class:`DataError` (``"path:line"``) or,
     with ``on_error="skip"``, are counted in ``report`` and skipped. Blank lines are ignored.
-    Gzip files (recognised by their magic bytes) are decompressed on the fly.
+    Gzip files (recognised by their magic bytes) are decompressed on the fly. A UTF-8 byte order
+    mark at the start of the file (Windows editors and Excel's "CSV UTF-8" write one) is
+    dropped.
     """
     path = str(path)
     with open(path, "rb") as f:
@@ -121,6 +124,8 @@ def iter_jsonl(path, *, report: DataReport | None = None, on_error: str = "raise
     with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
             try:
                 try:
                     line = raw.decode("utf-8")

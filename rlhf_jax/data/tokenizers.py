@@ -348,12 +348,36 @@ def _token_content(value: Any) -> str | None:
 
 
 def _read_json(path: pathlib.Path) -> dict:
+    """The JSON object in `path` ({} if there is no such file).
+
+    Raises:
+        ValueError: `"{path}: ..."`: not UTF-8, not JSON, or JSON that is not an object.
+    """
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); expected a JSON object") from e
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from e
+        raise ValueError(f"{path}: invalid JSON ({e}); expected a JSON object") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(data).__name__}")
+    return data
+
+
+def _backend_from_file(path: pathlib.Path) -> tokenizers.Tokenizer:
+    """`tokenizers.Tokenizer.from_file` with an error that names the file."""
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); expected a tokenizers JSON "
+                         "file") from e
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust library raises a bare `Exception`
+        raise ValueError(f"{path}: not a tokenizer the `tokenizers` library can read (expected "
+                         f"the JSON that `tokenizers.Tokenizer.save` writes): {e}") from e
 
 
 def from_hf_dir(path: str | os.PathLike) -> Tokenizer:
@@ -365,17 +389,38 @@ def from_hf_dir(path: str | os.PathLike) -> Tokenizer:
     template comes from `chat_template.jinja` or `tokenizer_config.json["chat_template"]`.
 
     Raises:
-        FileNotFoundError: neither tokenizer.json nor vocab.json + merges.txt exists.
-        ValueError: no eos token can be determined.
+        FileNotFoundError: `path` is not a directory, or has neither tokenizer.json nor
+            vocab.json + merges.txt.
+        ValueError: `"{file}: ..."`: a file that is not JSON (or not what the `tokenizers` library
+            accepts), a vocab.json that is not `{token: id}`, a malformed merge line, no eos
+            token, or a special token that is not in the vocabulary.
     """
     path = pathlib.Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no tokenizer.json: there is no such directory (expected "
+                                "a directory with tokenizer.json, or vocab.json + merges.txt)")
     if (path / _TOKENIZER_FILE).exists():
-        backend = tokenizers.Tokenizer.from_file(str(path / _TOKENIZER_FILE))
+        backend = _backend_from_file(path / _TOKENIZER_FILE)
     elif (path / "vocab.json").exists() and (path / "merges.txt").exists():
         vocab = _read_json(path / "vocab.json")
-        backend = _byte_level_bpe(vocab, _read_merges(path / "merges.txt"))
+        bad = next(((k, v) for k, v in vocab.items()
+                    if isinstance(v, bool) or not isinstance(v, int)), None)
+        if bad is not None:
+            raise ValueError(f"{path / 'vocab.json'}: token {bad[0]!r} maps to {bad[1]!r}; "
+                             "expected {token: integer id}")
+        try:
+            backend = _byte_level_bpe(vocab, _read_merges(path / "merges.txt"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path / 'merges.txt'}: not UTF-8 text (byte {e.start})") from e
+        except ValueError:
+            raise
+        except Exception as e:  # the Rust library raises a bare `Exception`
+            raise ValueError(f"{path / 'vocab.json'} + merges.txt: the `tokenizers` library "
+                             f"rejects this BPE: {e}") from e
     else:
-        raise FileNotFoundError(f"{path}: no tokenizer.json and no vocab.json + merges.txt")
+        found = sorted(p.name for p in path.iterdir())[:10]
+        raise FileNotFoundError(f"{path}: no {_TOKENIZER_FILE} and no vocab.json + merges.txt "
+                                f"(found {found})")
 
     tcfg = _read_json(path / _CONFIG_FILE)
     smap = _read_json(path / "special_tokens_map.json")
@@ -420,7 +465,11 @@ def from_hf_dir(path: str | os.PathLike) -> Tokenizer:
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t["name"]: t["template"] for t in template}
             template = named.get("default", next(iter(named.values()), None))
-    return Tokenizer(backend, eos_token=eos, pad_token=pad, bos_token=bos, chat_template=template)
+    try:
+        return Tokenizer(backend, eos_token=eos, pad_token=pad, bos_token=bos,
+                         chat_template=template)
+    except ValueError as e:  # a special token named in the config but absent from the vocabulary
+        raise ValueError(f"{path}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,13 +498,16 @@ def from_gguf(path: str | os.PathLike) -> Tokenizer:
     `tokenizer.chat_template`.
 
     Raises:
-        ValueError: the GGUF tokenizer is not byte-level BPE (`tokenizer.ggml.model != "gpt2"`),
-            uses a pre-tokenizer we do not reproduce, or lacks tokens/merges/eos.
+        FileNotFoundError: no such file.
+        ValueError: `"{path}: ..."`: a malformed GGUF file (wrong magic, cut short, ...: see
+            `rlhf_jax.models.gguf.open_gguf`), a tokenizer that is not byte-level BPE
+            (`tokenizer.ggml.model != "gpt2"`), uses a pre-tokenizer we do not reproduce, lacks
+            tokens/merges/eos, or names a special token id outside the vocabulary.
     """
-    import gguf
+    from rlhf_jax.models.gguf import open_gguf
 
     path = pathlib.Path(path)
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     kind = _gguf_field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(f"{path}: tokenizer.ggml.model={kind!r}; only byte-level BPE ('gpt2') "
@@ -464,6 +516,9 @@ def from_gguf(path: str | os.PathLike) -> Tokenizer:
     merges = _gguf_field(reader, "tokenizer.ggml.merges")
     if not tokens or merges is None:
         raise ValueError(f"{path}: missing tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    for key, value in (("tokens", tokens), ("merges", merges)):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{path}: tokenizer.ggml.{key} is not an array of strings")
     types = _gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     if len(types) != len(tokens):
         raise ValueError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries, "
@@ -502,7 +557,12 @@ def from_gguf(path: str | os.PathLike) -> Tokenizer:
 
     def token(key: str) -> str | None:
         idx = _gguf_field(reader, f"tokenizer.ggml.{key}")
-        return None if idx is None else tokens[int(idx)]
+        if idx is None:
+            return None
+        if isinstance(idx, (str, bool, float, list)) or not 0 <= idx < len(tokens):
+            raise ValueError(f"{path}: tokenizer.ggml.{key}={idx!r}; expected a token id in "
+                             f"[0, {len(tokens)})")
+        return tokens[int(idx)]
 
     eos = token("eos_token_id")
     if eos is None:
@@ -521,6 +581,10 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
         spec: "gpt2" (OpenAI GPT-2 BPE), "smollm2" (the tokenizer of the packaged
             SmolLM2-135M-Instruct GGUF), a `.gguf` file, or a directory (Hugging Face tokenizer
             directory or one written by `Tokenizer.save`).
+
+    Raises:
+        FileNotFoundError: a `.gguf` path that does not exist.
+        ValueError: an unknown name, or a malformed file (see `from_gguf`, `from_hf_dir`).
     """
     name = str(spec)
     if name == "gpt2":
@@ -528,7 +592,9 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     if name == "smollm2":
         return from_gguf(assets.smollm2_gguf())
     path = pathlib.Path(name)
-    if path.suffix == ".gguf" and path.is_file():
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF tokenizer file not found: {path}")
         return from_gguf(path)
     if path.is_dir():
         return from_hf_dir(path)

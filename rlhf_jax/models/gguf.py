@@ -17,17 +17,25 @@ Three conversions undo what llama.cpp's `convert_hf_to_gguf.py` did:
    `w.reshape(n, 2, H/2, D).swapaxes(1, 2).reshape(n*H, D)` (n = heads for Q, KV heads for K).
    We apply the inverse, `w.reshape(n, H/2, 2, D).swapaxes(1, 2).reshape(n*H, D)`, after which the
    rotate-half model computes the same function as llama.cpp's.
+
+Malformed files end in a `ValueError` (a missing file in `FileNotFoundError`) that names the file
+and what was expected: `open_gguf` first walks the file's layout itself (`check_gguf_layout`:
+magic, version, every metadata value, the tensor table, the extent of every tensor's data), so a
+file cut short, a wrong magic or an unknown tensor type is reported as such instead of surfacing as
+an `IndexError` or a NumPy reshape error from inside the `gguf` package.
 """
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import pathlib
+import struct
 from typing import Any
 
 import numpy as np
 
 from rlhf_jax import assets
-
 
 # GGUF tensor name (per block: "blk.{i}.<name>") -> HF LlamaForCausalLM name.
 _GLOBAL_TENSORS = {
@@ -91,11 +99,173 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """All key/value metadata of a GGUF file except the (long) tokenizer arrays."""
+# GGUF metadata value types (gguf.GGUFValueType): byte size of the fixed-size ones.
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_UINT32, _GGUF_STRING, _GGUF_ARRAY = 4, 8, 9
+_GGML_MAX_DIMS = 4
+
+
+def check_gguf_layout(path: str | os.PathLike) -> None:
+    """Walks the layout of a GGUF file (v2/v3) and raises where it is malformed.
+
+    Checks, in file order: the magic ``b"GGUF"``, the version, the tensor and metadata counts,
+    every metadata key and value (strings must be UTF-8), the tensor table (name, at most 4
+    dimensions, a tensor type the ``gguf`` package knows, rows a whole number of quantisation
+    blocks), and that every tensor's data lies inside the file. Nothing is dequantised.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: ``"{path}: ..."`` saying what was expected and where, e.g. ``"truncated:
+            expected 16384 bytes of tensor data for 'blk.0.attn_q.weight' at byte 9344, the file
+            ends 8000 bytes short (file size 10000)"``.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path}: empty file; expected a GGUF file starting with b'GGUF'")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        _GgufLayout(buf, size, path).check()
+
+
+class _GgufLayout:
+    """Bounds-checked walk over the bytes of a GGUF file (see :func:`check_gguf_layout`)."""
+
+    def __init__(self, buf, size: int, path: pathlib.Path):
+        self.buf, self.size, self.path = buf, size, path
+        self.pos, self.order, self.section = 0, "<", "header"
+
+    def error(self, message: str) -> ValueError:
+        return ValueError(f"{self.path}: {message}")
+
+    def take(self, n: int, what: str) -> int:
+        """Claims ``n`` bytes at the cursor (for ``what``); returns their offset."""
+        if self.pos + n > self.size:
+            raise self.error(f"truncated in the {self.section}: expected {n} bytes for {what} "
+                             f"at byte {self.pos}, the file has {self.size} bytes")
+        start, self.pos = self.pos, self.pos + n
+        return start
+
+    def unpack(self, fmt: str, what: str):
+        start = self.take(struct.calcsize(fmt), what)
+        return struct.unpack_from(self.order + fmt, self.buf, start)
+
+    def string(self, what: str) -> str:
+        (n,) = self.unpack("Q", f"the length of {what}")
+        start = self.take(n, what)
+        try:
+            return bytes(self.buf[start:start + n]).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.error(f"{what} is not valid UTF-8 (byte {start + e.start})") from e
+
+    def value(self, vtype: int, what: str):
+        """Steps over one metadata value of type ``vtype``.
+
+        Returns the offset of a scalar, the text of a string, None for an array.
+        """
+        if vtype in _GGUF_SCALAR_SIZES:
+            return self.take(_GGUF_SCALAR_SIZES[vtype], what)  # its offset
+        if vtype == _GGUF_STRING:
+            return self.string(what)
+        if vtype == _GGUF_ARRAY:
+            (itype,) = self.unpack("I", f"the item type of {what}")
+            (count,) = self.unpack("Q", f"the length of {what}")
+            if itype in _GGUF_SCALAR_SIZES:
+                self.take(count * _GGUF_SCALAR_SIZES[itype], f"the {count} items of {what}")
+            else:
+                for j in range(count):
+                    self.value(itype, f"{what}[{j}]")
+            return None
+        raise self.error(f"{what} has value type {vtype}; expected a GGUF value type 0-12")
+
+    def check(self) -> None:
+        import gguf
+
+        magic = bytes(self.buf[:4])
+        if magic != b"GGUF":
+            raise self.error(f"not a GGUF file: expected magic b'GGUF' at byte 0, got {magic!r}")
+        self.take(4, "the magic")
+        (version,) = self.unpack("I", "the version")
+        if version & 0xFFFF == 0:  # written on a machine of the other byte order
+            self.order, version = ">", int.from_bytes(version.to_bytes(4, "little"), "big")
+        if version not in (2, 3):
+            raise self.error(f"GGUF version {version}; expected 2 or 3")
+        n_tensors, n_kv = self.unpack("QQ", "the tensor and metadata counts")
+
+        self.section = "metadata"
+        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+        for i in range(n_kv):
+            key = self.string(f"the name of metadata key #{i} (of {n_kv})")
+            (vtype,) = self.unpack("I", f"the value type of {key!r}")
+            value = self.value(vtype, f"metadata {key!r}")
+            if key == "general.alignment":
+                if vtype != _GGUF_UINT32:
+                    raise self.error(f"general.alignment has value type {vtype}; expected "
+                                     f"uint32 ({_GGUF_UINT32})")
+                (alignment,) = struct.unpack_from(self.order + "I", self.buf, value)
+                if alignment == 0 or alignment & (alignment - 1):
+                    raise self.error(f"general.alignment={alignment}; expected a power of two")
+
+        self.section = "tensor table"
+        infos = []
+        for i in range(n_tensors):
+            name = self.string(f"the name of tensor #{i} (of {n_tensors})")
+            (n_dims,) = self.unpack("I", f"the number of dimensions of {name!r}")
+            if not 1 <= n_dims <= _GGML_MAX_DIMS:
+                raise self.error(f"tensor {name!r} has {n_dims} dimensions; expected 1 to "
+                                 f"{_GGML_MAX_DIMS}")
+            dims = self.unpack(f"{n_dims}Q", f"the dimensions of {name!r}")
+            (ttype,) = self.unpack("I", f"the type of {name!r}")
+            (offset,) = self.unpack("Q", f"the data offset of {name!r}")
+            infos.append((name, dims, ttype, offset))
+
+        data_start = self.pos + (-self.pos) % alignment
+        known = {int(t): t for t in gguf.GGML_QUANT_SIZES}
+        for name, dims, ttype, offset in infos:
+            if ttype not in known:
+                raise self.error(f"tensor {name!r} has tensor type {ttype}, which is not a GGML "
+                                 f"type the gguf package knows; expected one of "
+                                 f"{', '.join(t.name for t in known.values())}")
+            qtype = known[ttype]
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            if dims[0] % block:
+                raise self.error(f"tensor {name!r} ({qtype.name}) has rows of {dims[0]} values; "
+                                 f"expected a multiple of the block size {block}")
+            n_bytes = math.prod(dims) // block * type_size
+            start = data_start + offset
+            if start + n_bytes > self.size:
+                raise self.error(f"truncated: expected {n_bytes} bytes of tensor data for "
+                                 f"{name!r} at byte {start}, the file ends "
+                                 f"{start + n_bytes - self.size} bytes short (file size "
+                                 f"{self.size})")
+
+
+def open_gguf(path: str | os.PathLike):
+    """A ``gguf.GGUFReader`` for ``path``, after :func:`check_gguf_layout` found it well formed.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a malformed file (``"{path}: ..."``, what was expected), including anything
+            the ``gguf`` package itself rejects (e.g. a duplicate key or tensor name).
+    """
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
+    check_gguf_layout(path)
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"{path}: the gguf package cannot read this file: "
+                         f"{type(e).__name__}: {e}") from e
+
+
+def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """All key/value metadata of a GGUF file except the (long) tokenizer arrays.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`open_gguf`.
+    """
+    reader = open_gguf(path)
     skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
             "tokenizer.ggml.scores")
     return {k: f.contents() for k, f in reader.fields.items() if k not in skip}
@@ -107,17 +277,28 @@ def _hf_config(reader, path: pathlib.Path, has_output: bool) -> dict[str, Any]:
         raise ValueError(f"{path}: general.architecture={arch!r}; only 'llama' GGUF files are "
                          "supported")
 
-    def req(key: str):
+    def num(key: str, default: Any = None, cast=int, required: bool = False):
         value = _field(reader, key)
         if value is None:
-            raise ValueError(f"{path}: missing GGUF metadata key {key!r}")
-        return value
+            if required:
+                raise ValueError(f"{path}: missing GGUF metadata key {key!r}")
+            return default
+        if isinstance(value, (str, bool, list)) or (cast is int and isinstance(value, float)):
+            raise ValueError(f"{path}: GGUF metadata {key!r} = {value!r}; expected "
+                             f"{'an integer' if cast is int else 'a number'}")
+        return cast(value)
 
-    n_layer = int(req("llama.block_count"))
-    d_model = int(req("llama.embedding_length"))
-    n_head = int(req("llama.attention.head_count"))
-    n_kv = int(_field(reader, "llama.attention.head_count_kv", n_head))
-    head_dim = int(_field(reader, "llama.attention.key_length", d_model // n_head))
+    def req(key: str):
+        return num(key, required=True)
+
+    n_layer = req("llama.block_count")
+    d_model = req("llama.embedding_length")
+    n_head = req("llama.attention.head_count")
+    if min(n_layer, d_model, n_head) <= 0:
+        raise ValueError(f"{path}: llama.block_count={n_layer}, llama.embedding_length={d_model}, "
+                         f"llama.attention.head_count={n_head}; expected positive integers")
+    n_kv = num("llama.attention.head_count_kv", n_head)
+    head_dim = num("llama.attention.key_length", d_model // n_head)
     rope_dims = _field(reader, "llama.rope.dimension_count")
     if rope_dims is not None and int(rope_dims) != head_dim:
         raise ValueError(f"{path}: llama.rope.dimension_count={rope_dims} != head_dim={head_dim}; "
@@ -126,7 +307,7 @@ def _hf_config(reader, path: pathlib.Path, has_output: bool) -> dict[str, Any]:
     if scaling not in (None, "none"):
         raise ValueError(f"{path}: llama.rope.scaling.type={scaling!r} is not supported")
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    vocab = len(tokens) if tokens else _field(reader, "llama.vocab_size")
+    vocab = len(tokens) if tokens else num("llama.vocab_size")
     if vocab is None:
         raise ValueError(f"{path}: neither tokenizer.ggml.tokens nor llama.vocab_size is present")
 
@@ -135,14 +316,14 @@ def _hf_config(reader, path: pathlib.Path, has_output: bool) -> dict[str, Any]:
         "model_type": "llama",
         "vocab_size": int(vocab),
         "hidden_size": d_model,
-        "intermediate_size": int(req("llama.feed_forward_length")),
+        "intermediate_size": req("llama.feed_forward_length"),
         "num_hidden_layers": n_layer,
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
-        "max_position_embeddings": int(_field(reader, "llama.context_length", 2048)),
-        "rms_norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        "max_position_embeddings": num("llama.context_length", 2048),
+        "rms_norm_eps": num("llama.attention.layer_norm_rms_epsilon", 1e-5, float),
+        "rope_theta": num("llama.rope.freq_base", 10000.0, float),
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
@@ -151,9 +332,9 @@ def _hf_config(reader, path: pathlib.Path, has_output: bool) -> dict[str, Any]:
     }
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):
-        value = _field(reader, f"tokenizer.ggml.{key}")
+        value = num(f"tokenizer.ggml.{key}")
         if value is not None:
-            config[hf_key] = int(value)
+            config[hf_key] = value
     name = _field(reader, "general.name")
     if name:
         config["_name_or_path"] = name
@@ -217,16 +398,16 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
         the file has them (`attention_bias` is then set).
 
     Raises:
-        ValueError: not a llama GGUF, a required metadata key or tensor is missing, a tensor is
-            unknown, or a tensor's shape disagrees with the config (the message names the tensor).
+        FileNotFoundError: no such file.
+        ValueError: ``"{path}: ..."``: a malformed file (see :func:`open_gguf`: wrong magic, cut
+            short, ...), not a llama GGUF, a required metadata key or tensor is missing or has the
+            wrong type, a tensor is unknown, of a type that cannot be dequantised, or its shape
+            disagrees with the config (the message names the tensor).
     """
-    import gguf
     from gguf.quants import dequantize
 
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     by_name = {t.name: t for t in reader.tensors}
     config = _hf_config(reader, path, has_output="output.weight" in by_name)
     expected = _expected_shapes(config)
@@ -245,7 +426,13 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
         if shape != want:
             raise ValueError(f"{path}: tensor {gname!r} ({hf_name}) has shape {shape}, expected "
                              f"{want} from the metadata")
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        try:
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        except NotImplementedError as e:
+            raise ValueError(f"{path}: tensor {gname!r} has type {t.tensor_type.name}, which "
+                             "cannot be dequantised; expected F32, F16, BF16 or a quantisation "
+                             "gguf.quants implements (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, K-quants, "
+                             "IQ-quants, ...)") from e
         if w.size != int(np.prod(want)):
             raise ValueError(f"{path}: tensor {gname!r} dequantised to {w.size} values, expected "
                              f"{int(np.prod(want))} for shape {want}")

@@ -14,6 +14,11 @@ Layout facts the table encodes:
   converted by :func:`rlhf_jax.models.gguf.read_gguf`).
 
 torch is never imported here: tensors are read and written with ``safetensors.numpy``.
+
+Malformed checkpoints end in an error that names the file (``config.json``, the safetensors file
+or shard, the index) and what was expected: a missing or non-JSON ``config.json``, a missing or
+wrongly typed config key, an unsupported architecture, a truncated or corrupt safetensors file, a
+shard the index lists but the directory lacks, a missing tensor, a tensor of the wrong shape.
 """
 from __future__ import annotations
 
@@ -73,32 +78,64 @@ def architecture(hf_config: Mapping[str, Any]) -> str:
     return arch
 
 
+def _get(hf_config: Mapping[str, Any], key: str, default: Any = KeyError, kind: type = int):
+    """``hf_config[key]`` checked to be a ``kind`` (int or float); ``default`` if absent/null.
+
+    Raises:
+      ValueError: the key is missing (and has no default) or has the wrong type.
+    """
+    value = hf_config.get(key)
+    if value is None:
+        if default is KeyError:
+            raise ValueError(f"config key {key!r} is missing; expected "
+                             f"{'an integer' if kind is int else 'a number'}")
+        return default
+    ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok:
+        raise ValueError(f"config key {key!r} = {value!r}; expected "
+                         f"{'an integer' if kind is int else 'a number'}")
+    return kind(value)
+
+
 def _rope_theta(hf_config: Mapping[str, Any]) -> float:
     """RoPE base from either transformers-5 ``rope_parameters`` or the older flat keys."""
     params = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in (None, "default"):
         raise ValueError(f"RoPE scaling type {rope_type!r} is not supported (only 'default')")
-    return float(params.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
+    if "rope_theta" in params:
+        return _get(params, "rope_theta", kind=float)
+    return _get(hf_config, "rope_theta", 10000.0, float)
 
 
 def config_from_hf(hf_config: Mapping[str, Any], compute_dtype: str = "float32") -> ModelConfig:
-    """Our :class:`ModelConfig` from a HF ``config.json`` dict."""
+    """Our :class:`ModelConfig` from a HF ``config.json`` dict.
+
+    Raises:
+      ValueError: an unsupported architecture or setting, or a size key that is missing or not an
+        integer (the message names the key).
+    """
+    if not isinstance(hf_config, Mapping):
+        raise ValueError(f"expected a config.json object, got {type(hf_config).__name__}")
     arch = architecture(hf_config)
     if arch == "GPT2LMHeadModel":
         act = hf_config.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"GPT-2 activation_function={act!r} is not supported (tanh GELU only)")
-        d = hf_config["n_embd"]
-        return ModelConfig(family="gpt2", vocab_size=hf_config["vocab_size"],
-                           num_layers=hf_config["n_layer"], d_model=d,
-                           num_heads=hf_config["n_head"], num_kv_heads=hf_config["n_head"],
-                           mlp_dim=hf_config.get("n_inner") or 4 * d,
-                           max_seq_len=hf_config["n_positions"],
-                           norm_eps=hf_config.get("layer_norm_epsilon", 1e-5),
+        d = _get(hf_config, "n_embd")
+        return ModelConfig(family="gpt2", vocab_size=_get(hf_config, "vocab_size"),
+                           num_layers=_get(hf_config, "n_layer"), d_model=d,
+                           num_heads=_get(hf_config, "n_head"),
+                           num_kv_heads=_get(hf_config, "n_head"),
+                           mlp_dim=_get(hf_config, "n_inner", None) or 4 * d,
+                           max_seq_len=_get(hf_config, "n_positions"),
+                           norm_eps=_get(hf_config, "layer_norm_epsilon", 1e-5, float),
                            tie_embeddings=hf_config.get("tie_word_embeddings", True),
                            compute_dtype=compute_dtype)
-    d, n = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    d, n = _get(hf_config, "hidden_size"), _get(hf_config, "num_attention_heads")
+    if d <= 0 or n <= 0 or d % n:
+        raise ValueError(f"hidden_size={d}, num_attention_heads={n}; expected positive integers, "
+                         "hidden_size a multiple of num_attention_heads")
     if hf_config.get("head_dim") not in (None, d // n):
         raise ValueError(f"head_dim={hf_config['head_dim']} != hidden_size / num_attention_heads "
                          f"= {d // n} is not supported")
@@ -106,12 +143,12 @@ def config_from_hf(hf_config: Mapping[str, Any], compute_dtype: str = "float32")
         raise ValueError(f"hidden_act={hf_config['hidden_act']!r} is not supported (silu only)")
     if hf_config.get("attention_bias") or hf_config.get("mlp_bias"):
         raise ValueError("Llama attention_bias/mlp_bias=True is not supported")
-    return ModelConfig(family="llama", vocab_size=hf_config["vocab_size"],
-                       num_layers=hf_config["num_hidden_layers"], d_model=d, num_heads=n,
-                       num_kv_heads=hf_config.get("num_key_value_heads") or n,
-                       mlp_dim=hf_config["intermediate_size"],
-                       max_seq_len=hf_config.get("max_position_embeddings", 2048),
-                       norm_eps=hf_config.get("rms_norm_eps", 1e-6),
+    return ModelConfig(family="llama", vocab_size=_get(hf_config, "vocab_size"),
+                       num_layers=_get(hf_config, "num_hidden_layers"), d_model=d, num_heads=n,
+                       num_kv_heads=_get(hf_config, "num_key_value_heads", None) or n,
+                       mlp_dim=_get(hf_config, "intermediate_size"),
+                       max_seq_len=_get(hf_config, "max_position_embeddings", 2048),
+                       norm_eps=_get(hf_config, "rms_norm_eps", 1e-6, float),
                        rope_theta=_rope_theta(hf_config),
                        tie_embeddings=hf_config.get("tie_word_embeddings", False),
                        qkv_bias=arch == "Qwen2ForCausalLM", compute_dtype=compute_dtype)
@@ -203,14 +240,28 @@ def _detect_prefix(cfg: ModelConfig, names) -> str:
 
 
 def from_hf(hf_config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
-            compute_dtype: str = "float32") -> tuple[ModelConfig, Transformer]:
+            compute_dtype: str = "float32", where: str | None = None,
+            tensor_files: Mapping[str, str] | None = None) -> tuple[ModelConfig, Transformer]:
     """Build a :class:`Transformer` from HF config + tensors (keyed by HF names).
+
+    Args:
+      hf_config: a ``config.json`` dict.
+      tensors: HF name -> array.
+      compute_dtype: ``"float32"`` or ``"bfloat16"`` matmuls.
+      where: the checkpoint the tensors came from; prefixes the messages of tensor errors.
+      tensor_files: HF name -> the file holding it (sharded checkpoints); named instead of
+        ``where`` in the message about that tensor.
 
     Raises:
       ValueError: unsupported architecture (names it and the supported ones), a missing tensor
         (names it), or a tensor whose shape disagrees with the config (name, expected, got).
     """
     cfg = config_from_hf(hf_config, compute_dtype)
+    tensor_files = tensor_files or {}
+
+    def at(name: str | None = None) -> str:
+        place = tensor_files.get(name, where) if name else where
+        return f"{place}: " if place else ""
     # Abstract model: parameter shapes without spending time on a random init.
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     for row in param_table(cfg, _detect_prefix(cfg, tensors.keys())):
@@ -219,12 +270,13 @@ def from_hf(hf_config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
         arrays = []
         for name, want in zip(row.hf_names, expected):
             if name not in tensors:
-                raise ValueError(f"missing tensor {name!r} for a {architecture(hf_config)} with "
-                                 f"{cfg.num_layers} layers (tie_embeddings={cfg.tie_embeddings})")
+                raise ValueError(f"{at()}missing tensor {name!r} for a {architecture(hf_config)} "
+                                 f"with {cfg.num_layers} layers (tie_embeddings="
+                                 f"{cfg.tie_embeddings}); expected shape {want.shape}")
             arr = np.asarray(tensors[name])
             if arr.shape != want.shape:
-                raise ValueError(f"tensor {name!r} has shape {arr.shape}; expected {want.shape} "
-                                 f"from the config")
+                raise ValueError(f"{at(name)}tensor {name!r} has shape {arr.shape}; expected "
+                                 f"{want.shape} from the config")
             arrays.append(jnp.asarray(arr, jnp.float32))
         var.set_value(jnp.asarray(row.to_ours(*arrays), jnp.float32))
     for path, leaf in nnx.to_flat_state(nnx.state(model)):
@@ -290,20 +342,85 @@ def save_pretrained(model: Transformer, cfg: ModelConfig, path: str | os.PathLik
               metadata={"format": "pt"})
 
 
-def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_json_object(file: pathlib.Path) -> dict[str, Any]:
+    """The JSON object in ``file``; a ``ValueError`` naming the file if it is anything else."""
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text (byte {e.start}); expected a JSON object") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                         "expected a JSON object") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got a JSON {type(data).__name__}")
+    return data
+
+
+def _safetensors_problem(file: pathlib.Path) -> str | None:
+    """What is wrong with the layout of a safetensors file (u64 header length, JSON header,
+    tensor bytes), or None if the layout looks right."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return (f"truncated: expected an 8-byte header length, the file has {size} bytes")
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            return (f"truncated or not a safetensors file: the first 8 bytes announce a "
+                    f"{n}-byte JSON header, the file has {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "corrupt: the header is not JSON"
+    if not isinstance(header, dict):
+        return "corrupt: the header is not a JSON object"
+    spans = [(v["data_offsets"][1], k) for k, v in header.items()
+             if isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
+             and len(v["data_offsets"]) == 2]
+    if spans:
+        end, name = max(spans)
+        if 8 + n + end > size:
+            return (f"truncated: expected {end} bytes of tensor data (up to the end of tensor "
+                    f"{name!r}), the file has {size - 8 - n}")
+    return None
+
+
+def _load_safetensors_file(file: pathlib.Path) -> dict[str, np.ndarray]:
+    """``safetensors.numpy.load_file`` with errors that name the file and the expected layout."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
+    try:
+        return load_file(str(file))
+    except (SafetensorError, ValueError, TypeError) as e:
+        problem = _safetensors_problem(file) or f"cannot be read ({type(e).__name__}: {e})"
+        raise ValueError(f"{file}: {problem}; expected a safetensors file (8-byte header length, "
+                         "JSON header, tensor bytes)") from e
+
+
+def _read_safetensors(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+    """``(tensors, {name: file}, where)`` of a HF directory; ``where`` names the checkpoint (the
+    single file or the index)."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str)
+                                                       for v in weight_map.values()):
+            raise ValueError(f"{index}: expected a 'weight_map' object of tensor name -> shard "
+                             "file name")
+        shards = sorted(set(weight_map.values()))
         tensors: dict[str, np.ndarray] = {}
+        files: dict[str, str] = {}
         for shard in shards:
-            if not (path / shard).exists():
-                raise FileNotFoundError(f"{index} lists shard {shard!r}, which is missing")
-            tensors.update(load_file(str(path / shard)))
-        return tensors
+            if not (path / shard).is_file():
+                raise FileNotFoundError(f"{index} lists shard {shard!r}, which is missing "
+                                        f"from {path}")
+            loaded = _load_safetensors_file(path / shard)
+            tensors.update(loaded)
+            files.update(dict.fromkeys(loaded, str(path / shard)))
+        return tensors, files, str(index)
     single = path / "model.safetensors"
     if single.exists():
-        return load_file(str(single))
+        return _load_safetensors_file(single), {}, str(single)
     raise FileNotFoundError(f"{path} has neither model.safetensors nor "
                             f"model.safetensors.index.json (found: "
                             f"{sorted(p.name for p in path.iterdir())}); only safetensors "
@@ -317,15 +434,29 @@ def load_pretrained(path: str | os.PathLike, *,
     Args:
       path: a directory written by ``save_pretrained`` (ours or transformers'), or a ``.gguf`` file.
       compute_dtype: ``"float32"`` or ``"bfloat16"`` matmuls (parameters are f32 either way).
+
+    Raises:
+      FileNotFoundError: no such directory/file, no ``config.json``, no safetensors file, or a
+        shard the index lists is missing.
+      ValueError: ``"{file}: ..."``: ``config.json`` is not a JSON object, lacks a key or names an
+        unsupported architecture; a safetensors file is truncated or corrupt; a tensor is missing
+        or has the wrong shape (name, expected and actual shape); see
+        :func:`rlhf_jax.models.gguf.read_gguf` for GGUF files.
     """
     path = pathlib.Path(path)
     if path.suffix == ".gguf":
         from rlhf_jax.models.gguf import read_gguf
         hf_config, tensors = read_gguf(path)
-        return from_hf(hf_config, tensors, compute_dtype=compute_dtype)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path / 'config.json'} not found: expected a Hugging Face model "
+        return from_hf(hf_config, tensors, compute_dtype=compute_dtype, where=str(path))
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: expected a Hugging Face model "
                                 f"directory or a .gguf file")
-    hf_config = json.loads((path / "config.json").read_text())
-    architecture(hf_config)  # fail on an unsupported model before reading its weights
-    return from_hf(hf_config, _read_safetensors(path), compute_dtype=compute_dtype)
+    hf_config = _read_json_object(config_file)
+    try:  # fail on an unsupported or incomplete config before reading the weights
+        config_from_hf(hf_config, compute_dtype)
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from e
+    tensors, files, where = _read_safetensors(path)
+    return from_hf(hf_config, tensors, compute_dtype=compute_dtype, where=where,
+                   tensor_files=files)
