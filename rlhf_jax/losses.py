@@ -379,3 +379,146 @@ def ppo_value_loss(values: Array, old_values: Array, returns: Array, mask: Array
         "ppo/val/explained_var": explained_variance(v, returns, mask),
     }
     return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Direct preference optimisation and the KL loss term of critic-free RL
+# --------------------------------------------------------------------------------------------
+__all__ += ["DPO_LOSS_TYPES", "dpo_loss", "kl_penalty_loss"]
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def dpo_loss(policy_chosen_logps: Array, policy_rejected_logps: Array, ref_chosen_logps: Array,
+             ref_rejected_logps: Array, beta: float | Array, label_smoothing: float | Array = 0.0,
+             loss_type: str = "sigmoid", mask: Array | None = None) -> tuple[Array, Metrics]:
+    """Direct preference optimisation on sequence log-probabilities. With the log-ratio margin ::
+
+        h = (log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))
+
+    ``loss_type="sigmoid"`` is DPO (Rafailov et al. 2023, arXiv:2305.18290, eq. 7) with the
+    conservative-DPO label smoothing ε (labels flipped with probability ε)::
+
+        loss = mean_b  −(1 − ε)·log σ(β·h) − ε·log σ(−β·h)
+
+    i.e. a Bradley–Terry loss on the implicit reward ``β·log(π/π_ref)`` (ε = 0 is plain DPO), and
+    ``loss_type="ipo"`` is IPO (Azar et al. 2023, arXiv:2310.12036, eq. 17), a squared loss that
+    regresses the margin to a finite target instead of pushing it to infinity::
+
+        loss = mean_b  (h − 1/(2β))²
+
+    Both are computed on whatever log-probabilities are passed: summed over the response tokens
+    for DPO as in the paper (the IPO paper, and TRL's implementation, use per-token means; pass
+    those for that variant). The reference log-probs are constants (``stop_gradient``).
+
+    Args:
+      policy_chosen_logps: ``[B]`` ``log π(y_c|x)`` of the preferred responses, e.g.
+        ``masked_sum(token_logprobs(...), response_mask, axis=1)``.
+      policy_rejected_logps: ``[B]`` ``log π(y_r|x)`` of the other responses.
+      ref_chosen_logps: ``[B]`` the same under the frozen reference (SFT) policy.
+      ref_rejected_logps: ``[B]``.
+      beta: β > 0, scalar (the KL-regularisation strength; 0.1 in the DPO paper).
+      label_smoothing: ε in ``[0, ½]``, scalar, sigmoid loss only.
+      loss_type: one of :data:`DPO_LOSS_TYPES` (static).
+      mask: optional ``[B]``, True on real pairs (padding pairs are ignored).
+
+    Returns:
+      ``(loss, metrics)`` with ``dpo/loss``, ``dpo/rewards_chosen`` and ``dpo/rewards_rejected``
+      (means of the implicit rewards ``β·(log π − log π_ref)``), ``dpo/accuracy`` (fraction of
+      pairs whose chosen reward is the larger, ties 0.5 as ``rm/accuracy``), ``dpo/margin`` (mean
+      ``β·h``), ``dpo/logps_chosen`` and ``dpo/logps_rejected`` (means of the policy log-probs).
+
+    Raises:
+      ValueError: for an unknown ``loss_type``, label smoothing with IPO, or a concrete ``beta``
+        ≤ 0 or ε outside ``[0, ½]``.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"dpo_loss: `loss_type` is {loss_type!r}; expected one of "
+                         f"{DPO_LOSS_TYPES}")
+    specs = [("policy_chosen_logps", policy_chosen_logps, "B"),
+             ("policy_rejected_logps", policy_rejected_logps, "B"),
+             ("ref_chosen_logps", ref_chosen_logps, "B"),
+             ("ref_rejected_logps", ref_rejected_logps, "B"), ("beta", beta, ""),
+             ("label_smoothing", label_smoothing, "")]
+    if mask is not None:
+        specs.append(("mask", mask, "B"))
+    check_shapes("dpo_loss", specs)
+    if isinstance(beta, (int, float)) and not beta > 0:
+        raise ValueError(f"dpo_loss: `beta` is {beta}; expected a value > 0")
+    if isinstance(label_smoothing, (int, float)):
+        if not 0.0 <= label_smoothing <= 0.5:
+            raise ValueError(f"dpo_loss: `label_smoothing` is {label_smoothing}; expected a value "
+                             "in [0, 0.5]")
+        if loss_type == "ipo" and label_smoothing != 0:
+            raise ValueError("dpo_loss: `label_smoothing` applies to loss_type='sigmoid' only; "
+                             f"got {label_smoothing} with loss_type='ipo'")
+    m = jnp.ones(jnp.shape(policy_chosen_logps), bool) if mask is None else as_bool(mask)
+    # Zero the padding pairs first: `where` on the loss alone would still give NaN gradients.
+    pol_c, pol_r, ref_c, ref_r = (jnp.where(m, x, 0) for x in (
+        policy_chosen_logps, policy_rejected_logps, jax.lax.stop_gradient(ref_chosen_logps),
+        jax.lax.stop_gradient(ref_rejected_logps)))
+    chosen_ratio = pol_c - ref_c
+    rejected_ratio = pol_r - ref_r
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        per_pair = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h) -
+                    label_smoothing * jax.nn.log_sigmoid(-beta * h))
+    else:
+        per_pair = jnp.square(h - 1.0 / (2.0 * beta))
+    loss = masked_mean(per_pair, m)
+    r_c = jax.lax.stop_gradient(beta * chosen_ratio)
+    r_r = jax.lax.stop_gradient(beta * rejected_ratio)
+    metrics = {
+        "dpo/loss": loss,
+        "dpo/rewards_chosen": masked_mean(r_c, m),
+        "dpo/rewards_rejected": masked_mean(r_r, m),
+        "dpo/accuracy": masked_mean(_pair_accuracy(r_c - r_r), m),
+        "dpo/margin": masked_mean(r_c - r_r, m),
+        "dpo/logps_chosen": masked_mean(jax.lax.stop_gradient(pol_c), m),
+        "dpo/logps_rejected": masked_mean(jax.lax.stop_gradient(pol_r), m),
+    }
+    return loss, metrics
+
+
+def kl_penalty_loss(logp: Array, ref_logp: Array, mask: Array,
+                    log_ratio_clip: float | None = 20.0) -> tuple[Array, Metrics]:
+    """The KL term GRPO adds to its loss (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, eq.
+    4): the masked token mean of the k3 estimator of KL(π ‖ π_ref) (Schulman 2020) ::
+
+        k3_t = exp(ref_logp_t − logp_t) − (ref_logp_t − logp_t) − 1   (≥ 0, unbiased under π)
+        loss = Σ_t m_t·k3_t / Σ_t m_t
+
+    the same per-token estimate as ``rl.kl_estimate(..., "k3")``, normalised like
+    :func:`ppo_policy_loss` (a mean over all real tokens of the batch), so the GRPO objective is
+    ``ppo_policy_loss(...)[0] + β·kl_penalty_loss(...)[0]`` with the sequence advantages of
+    ``rl.grpo_advantages`` repeated over each response's tokens. (PPO and RLOO instead subtract
+    the KL from the reward: ``rl.kl_shaped_rewards``, ``rl.kl_penalized_scores``.)
+    ``ref_logp`` is a constant (``stop_gradient``); the gradient of ``k3_t`` with respect to
+    ``logp_t`` is ``1 − π_ref/π``.
+
+    Args:
+      logp: ``[B, T]`` log-probs of the sampled tokens under the current policy.
+      ref_logp: ``[B, T]`` the same under the reference policy.
+      mask: ``[B, T]`` True on response tokens.
+      log_ratio_clip: ``ref_logp − logp`` is clipped to ``[−c, c]`` before ``exp`` so extreme
+        log-probs give a large finite loss rather than inf/NaN (``None`` disables); the gradient
+        is 0 where the clip is active.
+
+    Returns:
+      ``(loss, metrics)`` with ``kl/loss`` (the k3 mean) and ``kl/k1`` (masked mean of
+      ``logp − ref_logp``, the plain estimate, for monitoring).
+    """
+    check_shapes("kl_penalty_loss", [("logp", logp, "BT"), ("ref_logp", ref_logp, "BT"),
+                                     ("mask", mask, "BT")])
+    m = as_bool(mask)
+    log_r = jax.lax.stop_gradient(ref_logp) - logp
+    log_r = jnp.where(m, log_r, 0)  # padding can hold anything, even inf
+    if log_ratio_clip is not None:
+        log_r = jnp.clip(log_r, -log_ratio_clip, log_ratio_clip)
+    k3 = jnp.expm1(log_r) - log_r
+    loss = masked_mean(k3, m)
+    metrics = {
+        "kl/loss": loss,
+        "kl/k1": masked_mean(jax.lax.stop_gradient(logp - ref_logp), m),
+    }
+    return loss, metrics

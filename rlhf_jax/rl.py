@@ -301,3 +301,121 @@ def apply_missing_eos_penalty(scores: Array, contains_eos: Array,
                                                ("contains_eos", contains_eos, "B"),
                                                ("penalty", penalty, "")])
     return jnp.where(as_bool(contains_eos), scores, jnp.asarray(penalty, scores.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Critic-free advantages: RLOO and GRPO
+# --------------------------------------------------------------------------------------------
+__all__ += ["kl_penalized_scores", "rloo_advantages", "grpo_advantages"]
+
+
+def kl_penalized_scores(score: Array, logp: Array, ref_logp: Array, mask: Array,
+                        kl_coef: float | Array, estimator: str = "k1") -> tuple[Array, Array]:
+    """Sequence-level rewards with the KL penalty inside, as RLOO uses them (Ahmadian et al. 2024,
+    arXiv:2402.14740, §3; the sequence-level form of :func:`kl_shaped_rewards`)::
+
+        R = score − β·Σ_t m_t·KL_t
+
+    Pass these (reshaped to ``[B, K]``) to :func:`rloo_advantages`. GRPO (Shao et al. 2024) instead
+    keeps the KL out of the reward and adds ``β·losses.kl_penalty_loss`` to the loss.
+
+    Args:
+      score: ``[N]`` reward-model scores of N responses (e.g. ``N = B·K``, prompt-major).
+      logp: ``[N, T]`` policy log-probs of the response tokens.
+      ref_logp: ``[N, T]`` reference-policy log-probs.
+      mask: ``[N, T]`` True on real response tokens.
+      kl_coef: β, scalar.
+      estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (see :func:`kl_estimate`).
+
+    Returns:
+      ``(scores, seq_kl)``, both ``[N]``: the penalised scores and the unscaled per-sequence KL.
+    """
+    check_shapes("kl_penalized_scores", [("score", score, "N"), ("logp", logp, "NT"),
+                                         ("ref_logp", ref_logp, "NT"), ("mask", mask, "NT"),
+                                         ("kl_coef", kl_coef, "")])
+    m = as_bool(mask)
+    seq_kl = masked_sum(kl_estimate(jnp.where(m, logp, 0), jnp.where(m, ref_logp, 0), estimator),
+                        m, axis=1)
+    return score - kl_coef * seq_kl, seq_kl
+
+
+def _group_valid(fn: str, scores: Array, valid: Array | None) -> Array:
+    dims = check_shapes(fn, [("scores", scores, "BK")] +
+                        ([] if valid is None else [("valid", valid, "BK")]))
+    if dims["K"] < 2:
+        raise ValueError(f"{fn}: `scores` has shape {tuple(jnp.shape(scores))}; expected K ≥ 2 "
+                         "responses per prompt (a group of one has no baseline)")
+    return jnp.ones(jnp.shape(scores), bool) if valid is None else as_bool(valid)
+
+
+def rloo_advantages(scores: Array, valid: Array | None = None) -> Array:
+    """REINFORCE leave-one-out advantages (Kool et al. 2019, "Buy 4 REINFORCE samples, get a
+    baseline for free!"; RLOO, Ahmadian et al. 2024, arXiv:2402.14740, eq. 7). With K responses to
+    a prompt, each is baselined by the mean score of the other K − 1::
+
+        A_i = r_i − 1/(K−1)·Σ_{j≠i} r_j  =  K/(K−1)·(r_i − mean_k r_k)
+
+    so the advantages of a group sum to 0 and the baseline never depends on the sample it
+    baselines (the REINFORCE gradient stays unbiased). The KL enters through the scores, as in the
+    RLOO paper: pass ``kl_penalized_scores(...)`` reshaped to ``[B, K]``. Each response's
+    advantage is then used for all its tokens, e.g. ``jnp.where(mask, adv.reshape(-1, 1), 0)``
+    for ``losses.ppo_policy_loss`` (or a plain REINFORCE loss).
+
+    Args:
+      scores: ``[B, K]`` sequence rewards of K ≥ 2 responses per prompt.
+      valid: optional ``[B, K]``, False for missing responses: only the ``n_b`` valid responses of
+        a prompt form its group (``K`` becomes ``n_b``); invalid entries, and groups with fewer
+        than two valid responses, get advantage 0.
+
+    Returns:
+      ``[B, K]`` advantages.
+    """
+    v = _group_valid("rloo_advantages", scores, valid)
+    r = jnp.where(v, scores, 0)
+    n = jnp.sum(v, axis=1, keepdims=True)
+    total = jnp.sum(r, axis=1, keepdims=True)
+    baseline = (total - r) / jnp.maximum(n - 1, 1).astype(r.dtype)
+    return jnp.where(v & (n >= 2), r - baseline, 0)
+
+
+def grpo_advantages(scores: Array, eps: float = 1e-4, scale: bool = True,
+                    valid: Array | None = None, unbiased: bool = False) -> Array:
+    """Group-relative advantages of GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, §4.1.2,
+    outcome supervision): each response's score normalised within its prompt's group ::
+
+        A_i = (r_i − mean_k r_k) / (std_k r_k + eps)        (scale=True, GRPO)
+        A_i =  r_i − mean_k r_k                              (scale=False, Dr. GRPO: Liu et al.
+                                                              2025, arXiv:2503.20783)
+
+    ``std`` is the population std (``ddof=0``) by default; ``unbiased=True`` uses ``ddof=1`` as
+    TRL's ``GRPOTrainer`` does (``torch.std``). A group whose scores are all equal gets advantage 0
+    (no signal, and no 0/0 with ``eps=0``). In GRPO the KL is not in the reward but a separate
+    loss term, ``β·losses.kl_penalty_loss`` (k3 estimator); broadcast the advantages over tokens as
+    for :func:`rloo_advantages`.
+
+    Args:
+      scores: ``[B, K]`` sequence rewards of K ≥ 2 responses per prompt.
+      eps: added to the std (scale=True only).
+      scale: divide by the group std (GRPO) or only centre (Dr. GRPO).
+      valid: optional ``[B, K]``, False for missing responses: the statistics use the valid
+        responses of each group; invalid entries, and groups with fewer than two valid responses,
+        get advantage 0.
+      unbiased: Bessel-corrected group std.
+
+    Returns:
+      ``[B, K]`` advantages.
+    """
+    v = _group_valid("grpo_advantages", scores, valid)
+    r = jnp.where(v, scores, 0)
+    n = jnp.sum(v, axis=1, keepdims=True)
+    mean = jnp.sum(r, axis=1, keepdims=True) / jnp.maximum(n, 1).astype(r.dtype)
+    centred = jnp.where(v, r - mean, 0)
+    hi = jnp.max(jnp.where(v, r, -jnp.inf), axis=1, keepdims=True)
+    lo = jnp.min(jnp.where(v, r, jnp.inf), axis=1, keepdims=True)
+    live = v & (n >= 2) & (hi > lo)  # all-equal groups carry no signal
+    if not scale:
+        return jnp.where(live, centred, 0)
+    ddof = 1 if unbiased else 0
+    var = jnp.sum(jnp.square(centred), axis=1, keepdims=True) / jnp.maximum(n - ddof, 1)
+    var = jnp.where(live, var, 1.0)  # keeps the sqrt's gradient finite on dead groups
+    return jnp.where(live, centred / (jnp.sqrt(var) + eps), 0)
