@@ -8,8 +8,8 @@ import pytest
 
 from rlhf_jax.data import comparisons
 from rlhf_jax.labeling.records import load_sources
-from rlhf_jax.labeling.store import (check_ranks, Conflict, InvalidRanking, LabelStore,
-                                     NotFound, to_display_order, to_record_order)
+from rlhf_jax.labeling.store import (check_ranks, Conflict, InvalidRanking, LabelStore, NotFound,
+                                     to_display_order, to_record_order)
 
 
 def open_store(tmp_path, source, clock, **kw):
