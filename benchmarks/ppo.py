@@ -1,4 +1,4 @@
-"""Ours: seconds per PPO iteration of ``experiments.ppo.make_iteration`` (one compiled program).
+"""Ours: seconds per PPO iteration of ``rlhf_jax.ppo.make_ppo`` (one compiled program).
 
 Mirrors ``benchmarks/baseline/trl_ppo.py``: random-initialised GPT-2-shaped policy, reference,
 reward
@@ -25,11 +25,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments import ppo  # noqa: E402
+from rlhf_jax import ppo  # noqa: E402
 from rlhf_jax.generation import SamplingConfig  # noqa: E402
 from rlhf_jax.models.config import ModelConfig  # noqa: E402
 from rlhf_jax.models.heads import ScalarModel  # noqa: E402
 from rlhf_jax.models.transformer import Transformer  # noqa: E402
+from rlhf_jax.scoring import RewardScorer  # noqa: E402
 
 VOCAB = 50257
 SHAPES = {"tiny": (2, 128, 4), "gpt2": (12, 768, 12)}
@@ -46,9 +47,9 @@ def run_case(name: str, warmup: int, iters: int, compute_dtype: str) -> dict:
                        num_heads=heads, num_kv_heads=heads, mlp_dim=4 * d, max_seq_len=1024,
                        compute_dtype=compute_dtype)
     pcfg = dataclasses.replace(
-        ppo.Config(), batch_size=c["batch"], query_len=c["query"], response_len=c["response"],
+        ppo.PPOConfig(), batch_size=c["batch"], query_len=c["query"], response_len=c["response"],
         ppo_epochs=c["epochs"], num_minibatches=c["minibatches"], temperature=0.7,
-        kl_coef=0.05, adaptive_kl=False, iterations=1000, compute_dtype=compute_dtype)
+        kl_coef=0.05, adaptive_kl=False, iterations=1000)
     policy = Transformer(mcfg, rngs=nnx.Rngs(params=0))
     rm = ScalarModel(mcfg, head_init="reward", rngs=nnx.Rngs(params=1))
     critic = ScalarModel(mcfg, head_init="value", rngs=nnx.Rngs(params=2))
@@ -58,8 +59,9 @@ def run_case(name: str, warmup: int, iters: int, compute_dtype: str) -> dict:
     tx = ppo.make_optimizer(pcfg)
     scfg = SamplingConfig(max_new_tokens=c["response"], temperature=0.7, pad_id=VOCAB - 1,
                           min_new_tokens=c["response"])
-    iteration = jax.jit(ppo.make_iteration(pcfg, lm_def, nnx.graphdef(critic), rm_def, tx, scfg,
-                                           VOCAB - 1), donate_argnums=(0,))
+    program = ppo.make_ppo(pcfg, lm_def, nnx.graphdef(critic), RewardScorer(rm_def, VOCAB - 1),
+                           tx, scfg)
+    iteration = jax.jit(program.iteration, donate_argnums=(0,))
     rng = np.random.default_rng(1)
     prompts = jnp.asarray(rng.integers(0, VOCAB - 1, (c["batch"], c["query"])), jnp.int32)
     pmask = jnp.ones_like(prompts, bool)
@@ -73,11 +75,10 @@ def run_case(name: str, warmup: int, iters: int, compute_dtype: str) -> dict:
     timing = common.time_fn(one, warmup=warmup, iters=iters, sync=jax.block_until_ready)
 
     # The update alone (for MFU): the same epochs × minibatches scan on one fixed rollout.
-    make = ppo.make_iteration(pcfg, lm_def, nnx.graphdef(critic), rm_def, tx, scfg, VOCAB - 1)
     state = box["state"]
-    batch, _, _ = jax.jit(make.rollout)(state, ref_params, rm_params, prompts, pmask,
-                                        jax.random.key(0))
-    upd = jax.jit(make.update)
+    batch, _, _ = jax.jit(program.rollout)(state, ref_params, rm_params, prompts, pmask,
+                                           jax.random.key(0))
+    upd = jax.jit(program.update)
     ubox = {"p": state.params, "o": state.opt_state}
 
     def update_once():
@@ -95,7 +96,7 @@ def run_case(name: str, warmup: int, iters: int, compute_dtype: str) -> dict:
                          config=config, update_s=update_timing,
                          mfu_part={"name": "PPO update", "flops": flops,
                                    "median": update_timing["median"]},
-                         notes="experiments.ppo.make_iteration: one jitted program "
+                         notes="rlhf_jax.ppo.make_ppo: one jitted program "
                                "(while_loop sampler + 4 forwards + GAE + scan over "
                                "epochs×minibatches)")
 

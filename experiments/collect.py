@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-import time
 
 from flax import nnx
 import jax
@@ -35,8 +34,9 @@ from rlhf_jax import parallel
 from rlhf_jax.data import comparisons
 from rlhf_jax.data.batching import decode_rows
 from rlhf_jax.generation import sample_split, SamplingConfig
-from rlhf_jax.labelers import GoldSentimentScorer, simulated_ranks
+from rlhf_jax.labelers import simulated_ranks
 from rlhf_jax.runs import load_bundle, write_summary
+from rlhf_jax.tasks import get_task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +50,13 @@ class Config:
     """Where the gold scorer is cached (trained on first use from the IMDB ``lm`` split)."""
     gold_train_texts: int | None = 10000
     """Fit the gold scorer on N ``lm`` reviews spread over the split (None: all ~20k)."""
+    task: str = "imdb"
+    """Where prompts and the gold scorer come from: ``imdb`` or ``jsonl:PATH``."""
     data_dir: str | None = None
     train_prompts: int = 2400
-    """Prompts (from the IMDB ``prompts`` split) for the reward model's training comparisons."""
+    """Prompts (from the task's training prompts) for the reward model's training comparisons."""
     eval_prompts: int = 300
-    """Prompts (from the ``eval`` split) for held-out comparisons."""
+    """Prompts (from the task's held-out prompts) for held-out comparisons."""
     query_len: int = 16
     response_len: int = 24
     labeler: str = "simulated"
@@ -67,6 +69,21 @@ class Config:
     """Prompts per sampling call."""
     compute_dtype: str = "float32"
     seed: int = 0
+
+    def errors(self) -> list[str]:
+        errs = (common.positive(self, "train_prompts", "eval_prompts", "query_len",
+                                "response_len", "batch_size")
+                + common.one_of(self, "labeler", ("simulated", "export", "import"))
+                + common.one_of(self, "compute_dtype", ("float32", "bfloat16")))
+        if not self.policies or not self.temperatures or \
+                len(self.policies) * len(self.temperatures) < 2:
+            errs.append(f"policies={self.policies!r} x temperatures={self.temperatures!r}: "
+                        "expected at least 2 responses per prompt")
+        if any(not t > 0 for t in self.temperatures):
+            errs.append(f"temperatures={self.temperatures!r}: expected positive numbers")
+        if self.labeler == "import" and not self.rankings_file:
+            errs.append("rankings_file=None: labeler=import needs the file people filled in")
+        return errs
 
 
 PRESETS: dict[str, Config] = {
@@ -81,23 +98,6 @@ PRESETS: dict[str, Config] = {
                       gold_path="runs/smollm2/gold.pkl", train_prompts=1000, eval_prompts=200,
                       query_len=32, response_len=32, batch_size=50, compute_dtype="bfloat16"),
 }
-
-
-def gold_scorer(path: str, sources, max_texts: int | None = None) -> tuple[GoldSentimentScorer,
-                                                                           float]:
-    """Loads the cached gold scorer or fits it on the IMDB ``lm`` split; returns it and its
-    accuracy on the held-out ``eval`` reviews."""
-    texts_eval = common.texts_of(sources["eval"], 1000)
-    labels_eval = common.labels_of(sources["eval"], 1000)
-    if Path(path).exists():
-        gold = GoldSentimentScorer.load(path)
-    else:
-        t0 = time.perf_counter()
-        gold = GoldSentimentScorer.fit(common.texts_of(sources["lm"], max_texts),
-                                       common.labels_of(sources["lm"], max_texts))
-        gold.save(path)
-        print(f"[collect] gold scorer fitted in {time.perf_counter() - t0:.0f}s -> {path}")
-    return gold, gold.accuracy(texts_eval, labels_eval)
 
 
 def sample_responses(cfg: Config, prompt_tokens, prompt_mask, mesh, tokenizer) -> tuple[list, list]:
@@ -130,23 +130,25 @@ def sample_responses(cfg: Config, prompt_tokens, prompt_mask, mesh, tokenizer) -
 
 
 def train(cfg: Config) -> dict:
+    common.check(cfg, cfg.errors())
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()
-    sources = common.imdb_sources(cfg.data_dir)
+    task = get_task(cfg.task, cfg.data_dir)
     _, _, tok, _ = load_bundle(cfg.policies[0], kind="lm")
     rng = np.random.default_rng(cfg.seed)
     summary = {"stage": "collect", "labeler": cfg.labeler, "config": dataclasses.asdict(cfg)}
     gold = None
     if cfg.labeler == "simulated" or cfg.gold_path:
-        gold, acc = gold_scorer(cfg.gold_path, sources, cfg.gold_train_texts)
-        summary["gold_heldout_review_accuracy"] = acc
-        print(f"[collect] gold scorer accuracy on held-out IMDB reviews: {acc:.3f}")
+        gold, acc = task.gold_scorer(cfg.gold_path, cfg.gold_train_texts)
+        if gold is not None:
+            summary["gold_heldout_review_accuracy"] = acc
+            print(f"[collect] gold scorer accuracy on held-out {task.name} texts: {acc:.3f}")
+        elif cfg.labeler == "simulated":
+            raise ValueError(f"labeler='simulated' needs a gold scorer and task {cfg.task!r} has "
+                             "none: use --labeler export (people rank the responses)")
 
-    if cfg.labeler not in ("simulated", "export", "import"):
-        raise ValueError(f"labeler={cfg.labeler!r}; expected simulated, export or import")
-    for split, src_name, n in (("train", "prompts", cfg.train_prompts),
-                               ("eval", "eval", cfg.eval_prompts)):
+    for split, n in (("train", cfg.train_prompts), ("eval", cfg.eval_prompts)):
         out_path = workdir / f"{split}.jsonl"
         if out_path.exists():
             print(f"[collect] {out_path} exists; kept")
@@ -155,7 +157,7 @@ def train(cfg: Config) -> dict:
             records = comparisons.import_rankings(_rankings_file(cfg.rankings_file, split))
             names = records[0]["policies"]
         else:
-            tokens, mask, _ = common.prompt_set(sources[src_name], tok, cfg.query_len, n)
+            tokens, mask, _ = task.prompt_set(split, tok, cfg.query_len, n)
             prompts = decode_rows(tok, tokens, mask)
             responses, names = sample_responses(cfg, tokens, mask, mesh, tok)
             records = [{"id": f"{split}-{i}", "prompt": p, "responses": r,
@@ -189,6 +191,13 @@ def train(cfg: Config) -> dict:
                 "to_label": str(workdir / "to_label")}
     write_summary(workdir, summary)
     return summary
+
+
+def headline(summary: dict) -> list[tuple[str, str, object, str]]:
+    return [("gold_scorer_review_accuracy", "gold scorer accuracy on held-out reviews",
+             summary.get("gold_heldout_review_accuracy"), ".3f"),
+            ("labeler_gold_agreement", "simulated labeler agreement with gold order",
+             summary.get("train_labeler_gold_pair_agreement"), ".3f")]
 
 
 def _rankings_file(path: str | None, split: str) -> Path:

@@ -1,9 +1,10 @@
-"""Pieces the experiment files share: command-line parsing, model presets, LM initialisation, data.
+"""Pieces the experiment files share: command-line parsing, model presets, LM initialisation.
 
 Kept deliberately small; anything that becomes library-grade moves to ``rlhf_jax``.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 import sys
 from typing import TypeVar
@@ -92,64 +93,26 @@ def init_lm(model: str, init_from: str | None, tokenizer_spec: str, vocab_size: 
 
 
 # ------------------------------------------------------------------------------------------------
-# The embedded default task's data: IMDB reviews (rlhf_jax.data.imdb, built offline on first use).
+# Config validation: every stage checks its config before loading data or compiling, and reports
+# every bad field at once.
 
-def imdb_sources(data_dir: str | None = None) -> dict:
-    """``{"lm", "prompts", "eval"}`` TFDS data sources of the offline IMDB dataset."""
-    from rlhf_jax.data.imdb import build_imdb
-    return build_imdb(data_dir)[1]
-
-
-def spread(n_total: int, limit: int | None) -> np.ndarray:
-    """``limit`` indices spread evenly over ``range(n_total)`` (all when None).
-
-    The built splits keep the CSV's order, which is sorted by label: a prefix would be one-sided.
-    """
-    if limit is None or limit >= n_total:
-        return np.arange(n_total)
-    return np.linspace(0, n_total - 1, limit).round().astype(int)
+def positive(cfg, *fields: str) -> list[str]:
+    return [f"{f}={getattr(cfg, f)!r}: expected a positive integer" for f in fields
+            if not isinstance(getattr(cfg, f), int) or getattr(cfg, f) < 1]
 
 
-def texts_of(source, limit: int | None = None) -> list[str]:
-    from rlhf_jax.data.tfds_utils import decode
-    return [decode(source[int(i)])["text"] for i in spread(len(source), limit)]
+def finite_positive(cfg, *fields: str) -> list[str]:
+    return [f"{f}={getattr(cfg, f)!r}: expected a finite positive number" for f in fields
+            if not math.isfinite(getattr(cfg, f)) or getattr(cfg, f) <= 0]
 
 
-def labels_of(source, limit: int | None = None) -> np.ndarray:
-    from rlhf_jax.data.tfds_utils import decode
-    return np.array([int(decode(source[int(i)])["label"]) for i in spread(len(source), limit)])
+def one_of(cfg, field: str, choices) -> list[str]:
+    v = getattr(cfg, field)
+    return [] if v in choices else [f"{field}={v!r}: expected one of {tuple(choices)}"]
 
 
-class StatefulBatches:
-    """An endless iterator over :class:`rlhf_jax.data.batching.Batches` whose position can be
-    saved in a checkpoint's JSON metadata and restored (a resumed run continues at the same
-    example)."""
-
-    def __init__(self, batches):
-        from rlhf_jax.data import batching
-        self._batching = batching
-        self.batches = batches
-        self._it = iter(batches)
-
-    def next(self) -> dict:
-        return next(self._it)
-
-    def get_state(self) -> dict:
-        return self._batching.iterator_state(self._it)
-
-    def set_state(self, state: dict) -> None:
-        self._it = self._batching.iterate(self.batches, state)
-
-
-def prompt_set(source, tokenizer, query_len: int, n: int | None = None):
-    """``n`` prompts spread over a split, in a fixed order: ``(tokens [N,Tq], mask, texts)``."""
-    from rlhf_jax.data import batching
-    b = batching.prompt_batches([source[int(i)] for i in spread(len(source), n)], tokenizer,
-                                max_len=query_len,
-                                cfg=batching.LoaderConfig(batch_size=1, shuffle=False,
-                                                          drop_remainder=False,
-                                                          shard_by_process=False),
-                                keep="first")
-    rows = list(b)
-    return (np.concatenate([r["tokens"] for r in rows]), np.concatenate([r["mask"] for r in rows]),
-            [str(r["text"][0]) for r in rows])
+def check(cfg, errors: list[str]) -> None:
+    """Raises one ``ValueError`` listing every invalid field of a stage's config."""
+    if errors:
+        raise ValueError(f"invalid {type(cfg).__module__.split('.')[-1]} config:\n  " +
+                         "\n  ".join(errors))

@@ -27,10 +27,10 @@ import optax
 
 from experiments import common
 from rlhf_jax import losses, parallel, rl
-from rlhf_jax.checkpoint import Checkpointer
-from rlhf_jax.metrics import MetricsWriter, plot_curves, read_metrics
-from rlhf_jax.models.transformer import positions_from_mask
+from rlhf_jax.loop import StatefulBatches, TrainLoop
+from rlhf_jax.metrics import plot_curves, read_metrics
 from rlhf_jax.runs import load_bundle, load_params_into, save_bundle, write_summary
+from rlhf_jax.scoring import POOLS, RewardScorer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,17 @@ class Config:
     compute_dtype: str = "float32"
     checkpoint_every: int = 100
     log_every: int = 10
+    wandb: bool = False
+    """Also log to Weights & Biases (offline; needs ``pip install wandb``)."""
     seed: int = 0
+
+    def errors(self) -> list[str]:
+        return (common.positive(self, "max_len", "batch_size", "epochs", "checkpoint_every",
+                                "log_every")
+                + common.finite_positive(self, "learning_rate")
+                + common.one_of(self, "loss", ("ranking", "best_of_k"))
+                + common.one_of(self, "pool", POOLS)
+                + common.one_of(self, "compute_dtype", ("float32", "bfloat16")))
 
 
 PRESETS: dict[str, Config] = {
@@ -76,27 +86,16 @@ PRESETS: dict[str, Config] = {
 }
 
 
-def pooled_score(values_nt, mask_nt, response_mask_nt, pool: str):
-    """One score per sequence from per-token head outputs ``[N, T]`` (see ``Config.pool``)."""
-    if pool == "last":
-        last = jnp.maximum(jnp.sum(mask_nt, axis=1) - 1, 0)  # the EOS the data appended
-        return jnp.take_along_axis(values_nt, last[:, None], axis=1)[:, 0]
-    if pool == "mean":
-        return rl.masked_mean(values_nt, response_mask_nt, axis=1)
-    raise ValueError(f"pool={pool!r}; expected 'last' or 'mean'")
-
-
-def make_steps(graphdef, tx, loss: str, pool: str = "last"):
+def make_steps(graphdef, tx, loss: str, pool: str = "last", eos_id: int = 0):
     """``(train_step, score_fn)`` for ``tokens/mask/response_mask [B, K, T]`` + ``ranks/valid
-    [B, K]`` batches."""
+    [B, K]`` batches; scores come from :class:`rlhf_jax.scoring.RewardScorer`, the definition
+    PPO and evaluation use too."""
+    scorer = RewardScorer(graphdef, eos_id, pool)
 
     def scores(params, tokens_bkt, mask_bkt, response_mask_bkt):
         b, k, t = tokens_bkt.shape
-        tokens, mask = tokens_bkt.reshape(b * k, t), mask_bkt.reshape(b * k, t)
-        rm = nnx.merge(graphdef, params)
-        values_nt = rm(tokens, positions_from_mask(mask), mask)
-        return pooled_score(values_nt, mask, response_mask_bkt.reshape(b * k, t), pool).reshape(
-            b, k)
+        flat = [x.reshape(b * k, t) for x in (tokens_bkt, mask_bkt, response_mask_bkt)]
+        return scorer.score_tokens(params, *flat).reshape(b, k)
 
     def loss_fn(params, batch):
         r_bk = scores(params, batch["tokens"], batch["mask"], batch["response_mask"])
@@ -147,6 +146,7 @@ def pairwise_accuracy(scores_nk: np.ndarray, order_nk: np.ndarray, higher_is_bet
 def train(cfg: Config) -> dict:
     from rlhf_jax.data import batching, comparisons  # grain/TFDS: only needed to train
 
+    common.check(cfg, cfg.errors())
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()
@@ -154,7 +154,7 @@ def train(cfg: Config) -> dict:
     _, sources = comparisons.build_comparisons(cfg.comparisons_dir, str(workdir / "tfds"))
     train_src = sources["train"]
     k = len(comparisons.decode_comparison(train_src[0])["responses"])
-    loader = common.StatefulBatches(batching.comparison_batches(
+    loader = StatefulBatches(batching.comparison_batches(
         train_src, tok, max_len=cfg.max_len, num_responses=k, overlong="truncate",
         cfg=batching.LoaderConfig(cfg.batch_size, seed=cfg.seed, num_epochs=None)))
     steps = max(1, cfg.epochs * len(train_src) // cfg.batch_size)
@@ -165,30 +165,21 @@ def train(cfg: Config) -> dict:
     graphdef, params = nnx.split(rm)
     params = parallel.replicate(params, mesh)
     opt_state = parallel.replicate(tx.init(params), mesh)
-    train_step, score_fn = make_steps(graphdef, tx, cfg.loss, cfg.pool)
+    train_step, score_fn = make_steps(graphdef, tx, cfg.loss, cfg.pool, tok.eos_id)
 
-    ckpt = Checkpointer(workdir / "ckpt")
-    start = 0
-    if ckpt.latest_step() is not None:  # resume > init-from > scratch
-        (params, opt_state), meta = ckpt.restore((params, opt_state))
-        start = meta["step"]
-        loader.set_state(meta["data"])
-        print(f"[reward] resumed from step {start}")
-    writer = MetricsWriter(workdir, total_steps=steps, initial_step=start, desc="reward",
-                           show=("rm/loss", "rm/accuracy"))
-    for step in range(start + 1, steps + 1):
+    loop = TrainLoop("reward", workdir, steps, checkpoint_every=cfg.checkpoint_every,
+                     log_every=cfg.log_every, show=("rm/loss", "rm/accuracy"), wandb=cfg.wandb,
+                     config=cfg)
+    params, opt_state = loop.restore((params, opt_state), data=loader)
+    for step in loop.steps():
         batch = batching.arrays_only(loader.next())
         batch = parallel.shard_batch({key: batch[key] for key in ("tokens", "mask",
                                                                   "response_mask", "ranks",
                                                                   "valid")}, mesh)
         params, opt_state, metrics = train_step(params, opt_state, batch)
-        if step % cfg.log_every == 0 or step == steps:
-            writer.write(step, metrics)
-        writer.advance()
-        if step % cfg.checkpoint_every == 0 or step == steps:
-            ckpt.save(step, (params, opt_state), {"step": step, "data": loader.get_state()})
-    writer.close()
-    ckpt.close()
+        loop.log(step, metrics)
+        loop.end_step(step, (params, opt_state), data=loader)
+    loop.close()
     print(loader.batches.report.summary())
 
     # Held-out accuracy, then reward normalisation on the SFT policy's samples.
@@ -222,6 +213,13 @@ def train(cfg: Config) -> dict:
     print(f"[reward] held-out accuracy vs labeler {summary.get('eval/accuracy_vs_labeler', 0):.3f}"
           f", vs gold {summary.get('eval/accuracy_vs_gold', float('nan')):.3f}")
     return summary
+
+
+def headline(summary: dict) -> list[tuple[str, str, object, str]]:
+    return [("rm_heldout_accuracy_vs_labeler", "reward model held-out pair accuracy vs labeler",
+             summary.get("eval/accuracy_vs_labeler"), ".3f"),
+            ("rm_heldout_accuracy_vs_gold", "reward model held-out pair accuracy vs gold",
+             summary.get("eval/accuracy_vs_gold"), ".3f")]
 
 
 if __name__ == "__main__":

@@ -28,10 +28,11 @@ import optax
 
 from experiments import common
 from rlhf_jax import losses, parallel
-from rlhf_jax.checkpoint import Checkpointer
-from rlhf_jax.metrics import MetricsWriter, plot_curves, read_metrics
+from rlhf_jax.loop import StatefulBatches, TrainLoop
+from rlhf_jax.metrics import plot_curves, read_metrics
 from rlhf_jax.models.transformer import positions_from_mask
 from rlhf_jax.runs import load_params_into, save_bundle, write_summary
+from rlhf_jax.tasks import get_task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,8 @@ class Config:
     …)."""
     vocab_size: int = 4096
     """Vocabulary of the trained BPE."""
+    task: str = "imdb"
+    """Where demonstrations come from: ``imdb`` or ``jsonl:PATH`` (``rlhf_jax.tasks``)."""
     data_dir: str | None = None
     """TFDS data dir (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``)."""
     max_train_texts: int | None = None
@@ -69,7 +72,15 @@ class Config:
     """Held-out batches for the final validation loss."""
     checkpoint_every: int = 200
     log_every: int = 20
+    wandb: bool = False
+    """Also log to Weights & Biases (offline; needs ``pip install wandb``)."""
     seed: int = 0
+
+    def errors(self) -> list[str]:
+        return (common.positive(self, "seq_len", "batch_size", "steps", "checkpoint_every",
+                                "log_every", "eval_batches", "vocab_size")
+                + common.finite_positive(self, "learning_rate")
+                + common.one_of(self, "compute_dtype", ("float32", "bfloat16")))
 
 
 PRESETS: dict[str, Config] = {
@@ -116,23 +127,23 @@ def train(cfg: Config) -> dict:
     """Trains (or resumes) and returns the summary dict (also written to ``summary.json``)."""
     from rlhf_jax.data import batching  # grain/TFDS: only needed to train
 
+    common.check(cfg, cfg.errors())
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()
-    sources = common.imdb_sources(cfg.data_dir)
-    texts_train = common.texts_of(sources["lm"], cfg.max_train_texts)
+    task = get_task(cfg.task, cfg.data_dir)
+    train_src = task.sft_source("train", cfg.max_train_texts)
     model, model_cfg, tokenizer = common.init_lm(cfg.model, cfg.init_from, cfg.tokenizer,
-                                                 cfg.vocab_size, texts_train, cfg.compute_dtype,
-                                                 cfg.seed, workdir)
+                                                 cfg.vocab_size, [r["text"] for r in train_src],
+                                                 cfg.compute_dtype, cfg.seed, workdir)
     if cfg.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len "
                          f"{model_cfg.max_seq_len}")
-    train_src = [{"text": t} for t in texts_train]
-    loader = common.StatefulBatches(batching.lm_batches(
+    loader = StatefulBatches(batching.lm_batches(
         train_src, tokenizer, max_len=cfg.seq_len,
         cfg=batching.LoaderConfig(cfg.batch_size, seed=cfg.seed, num_epochs=None)))
-    eval_rows = common.StatefulBatches(batching.lm_batches(
-        sources["eval"], tokenizer, max_len=cfg.seq_len,
+    eval_rows = StatefulBatches(batching.lm_batches(
+        task.sft_source("eval"), tokenizer, max_len=cfg.seq_len,
         cfg=batching.LoaderConfig(cfg.batch_size, shuffle=False, num_epochs=None)))
 
     graphdef, params = nnx.split(model, nnx.Param)
@@ -141,46 +152,32 @@ def train(cfg: Config) -> dict:
     opt_state = parallel.replicate(tx.init(params), mesh)
     train_step, eval_step = make_train_step(graphdef, tx)
 
-    ckpt = Checkpointer(workdir / "ckpt")
-    start = 0
-    if ckpt.latest_step() is not None:  # resume > init-from > scratch
-        (params, opt_state), meta = ckpt.restore((params, opt_state))
-        start = meta["step"]
-        loader.set_state(meta["data"])
-        print(f"[sft] resumed from step {start}")
-
-    def save_model(sub):
-        load_params_into(model, params_of_state(params))
+    def save_model(sub, step):
+        load_params_into(model, nnx.to_pure_dict(jax.device_get(params)))
         save_bundle(workdir / sub, model, model_cfg, tokenizer, kind="lm",
                     extra={"stage": "sft", "step": step})
 
-    def params_of_state(p):
-        return nnx.to_pure_dict(jax.device_get(p))
-
-    writer = MetricsWriter(workdir, total_steps=cfg.steps, initial_step=start, desc="sft",
-                           show=("lm/loss", "lm/accuracy"))
+    loop = TrainLoop("sft", workdir, cfg.steps, checkpoint_every=cfg.checkpoint_every,
+                     log_every=cfg.log_every, show=("lm/loss", "lm/accuracy"), wandb=cfg.wandb,
+                     config=cfg)
+    params, opt_state = loop.restore((params, opt_state), data=loader)
     t0, tokens_seen = time.perf_counter(), 0
-    step = start
-    for step in range(start + 1, cfg.steps + 1):
+    for step in loop.steps():
         batch = parallel.shard_batch(batching.arrays_only(loader.next()), mesh)
         params, opt_state, metrics = train_step(params, opt_state, batch)
         tokens_seen += cfg.batch_size * cfg.seq_len
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics["perf/tokens_per_s"] = tokens_seen / (time.perf_counter() - t0)
-            writer.write(step, metrics)
-        writer.advance()
+        metrics["perf/tokens_per_s"] = tokens_seen / (time.perf_counter() - t0)
+        loop.log(step, metrics)
         if step == cfg.steps // 2 and not (workdir / "half" / "model.json").exists():
-            save_model("half")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            ckpt.save(step, (params, opt_state), {"step": step, "data": loader.get_state()})
-    writer.close()
-    ckpt.close()
+            save_model("half", step)  # a second, weaker LM for the comparison collection
+        loop.end_step(step, (params, opt_state), data=loader)
+    loop.close()
 
     evals = [jax.device_get(eval_step(params, parallel.shard_batch(
         batching.arrays_only(eval_rows.next()), mesh)))
              for _ in range(cfg.eval_batches)]
     eval_loss = float(np.mean([e["lm/loss"] for e in evals]))
-    save_model("final")
+    save_model("final", cfg.steps)
     rows = read_metrics(workdir / "metrics.jsonl")
     plot_curves(rows, [("LM loss (train)", "lm/loss"), ("next-token accuracy", "lm/accuracy")],
                 workdir / "loss.png", title="SFT")
@@ -193,6 +190,12 @@ def train(cfg: Config) -> dict:
     write_summary(workdir, summary)
     print(f"[sft] eval loss {eval_loss:.3f} (ppl {math.exp(eval_loss):.1f}) -> {workdir}/final")
     return summary
+
+
+def headline(summary: dict) -> list[tuple[str, str, object, str]]:
+    """``(key, label, value, format)`` rows this stage adds to the pipeline's report."""
+    return [("sft_eval_perplexity", "SFT held-out perplexity", summary.get("eval_perplexity"),
+             ".1f")]
 
 
 if __name__ == "__main__":

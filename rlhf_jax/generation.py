@@ -5,7 +5,7 @@ single XLA program: a prefill of the (left-padded) prompt into a :class:`KVCache
 ``lax.while_loop`` over a :class:`SamplerState` that feeds one token per step and exits early once
 every row has emitted EOS. No Python loop over tokens, no recompilation per step, and
 :func:`sample` is traceable, so a PPO iteration can jit rollout + update as one program
-(DESIGN.md §3 rules 6 and 8; the loop follows Flax gemma's sampler).
+(the loop follows Flax gemma's sampler).
 
 Sampling of one step, for row ``b`` at new-token index ``t`` (:func:`sample_step`)::
 

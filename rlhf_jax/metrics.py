@@ -1,9 +1,9 @@
-"""Where metrics are written: one place for every experiment (DESIGN.md §3 rule 13).
+"""Where metrics are written: one place for every experiment.
 
 Metrics leave jit as a flat dict of scalars with namespaced keys (``objective/kl``,
-``ppo/clipfrac``).
-:class:`MetricsWriter` appends them to ``metrics.jsonl`` and TensorBoard event files, and feeds a
-progress bar that shows the key figures. :func:`plot_curves` draws PNGs from ``metrics.jsonl``.
+``ppo/clipfrac``). :class:`MetricsWriter` appends them to ``metrics.jsonl``, TensorBoard event
+files and (optionally) Weights & Biases, and feeds a progress bar that shows the key figures.
+:func:`plot_curves` draws PNGs from ``metrics.jsonl``.
 """
 from __future__ import annotations
 
@@ -31,13 +31,26 @@ class MetricsWriter:
       total_steps: length of the progress bar (``None`` hides the bar).
       show: metric keys shown on the progress bar.
       desc: progress-bar label.
+      initial_step: where the progress bar starts (a resumed run).
+      keep_until: drop rows of an existing ``metrics.jsonl`` with a larger step first (a run
+        killed after its last checkpoint wrote them; the resumed run writes them again).
+      wandb: also log to Weights & Biases (the optional ``wandb`` package; ``WANDB_MODE``
+        defaults to ``offline``: runs sync later with ``wandb sync``).
+      config: the run's config, recorded by Weights & Biases.
     """
 
     def __init__(self, workdir: str | os.PathLike, total_steps: int | None = None,
-                 show: Sequence[str] = (), desc: str = "", initial_step: int = 0):
+                 show: Sequence[str] = (), desc: str = "", initial_step: int = 0,
+                 keep_until: int | None = None, wandb: bool = False, config=None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+        path = self.workdir / "metrics.jsonl"
+        if keep_until is not None and path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines(True)
+                    if line.strip() and _step_of(line) <= keep_until]
+            path.write_text("".join(kept), encoding="utf-8")
+        self._jsonl = open(path, "a", encoding="utf-8")
+        self._wandb = _wandb_run(self.workdir, desc, config) if wandb else None
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
         self._show = tuple(show)
@@ -54,6 +67,8 @@ class MetricsWriter:
         for k, v in row.items():
             if math.isfinite(v):
                 self._tb.add_scalar(k, v, int(step))
+        if self._wandb is not None:
+            self._wandb.log(row, step=int(step))
         if self._bar is not None:
             shown = {k.split("/")[-1]: f"{row[k]:.3g}" for k in self._show if k in row}
             self._bar.set_postfix(shown, refresh=False)
@@ -66,6 +81,8 @@ class MetricsWriter:
     def close(self) -> None:
         self._jsonl.close()
         self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         if self._bar is not None:
             self._bar.close()
 
@@ -74,6 +91,26 @@ class MetricsWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a line half-written when the run was killed: dropped with the rest
+
+
+def _wandb_run(workdir: Path, name: str, config):
+    """A Weights & Biases run in ``workdir/wandb`` (offline unless ``WANDB_MODE`` is set)."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError("wandb=True needs the optional wandb package: pip install wandb") from e
+    import dataclasses
+    os.environ.setdefault("WANDB_MODE", "offline")
+    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    return wandb.init(dir=str(workdir), name=name, config=cfg, reinit=True,
+                      project=os.environ.get("WANDB_PROJECT", "rlhf_jax"))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

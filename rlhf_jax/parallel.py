@@ -1,12 +1,9 @@
 """Device meshes and sharding rules: the same code on 1 CPU, 8 GPUs or a TPU pod.
 
-Parallelism is `jax.jit` over a `Mesh` with `NamedSharding` (DESIGN.md §3 rule 9). The batch is
-split
-over the ``data`` axis; parameters are replicated (an ``fsdp`` axis can shard them when models
-grow).
-Multi-host: call :func:`initialize_distributed` first on every host; ``jax.devices()`` then spans
-all
-hosts and the same mesh code applies.
+Parallelism is `jax.jit` over a `Mesh` with `NamedSharding` (``pmap`` is in maintenance mode). The
+batch is split over the ``data`` axis; parameters are replicated (an ``fsdp`` axis can shard them
+when models grow). Multi-host: call :func:`initialize_distributed` first on every host;
+``jax.devices()`` then spans all hosts and the same mesh code applies.
 """
 from __future__ import annotations
 

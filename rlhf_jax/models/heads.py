@@ -47,7 +47,7 @@ class ScalarHead(nnx.Module):
         if hidden_btd.ndim != 3 or hidden_btd.shape[-1] != self.w.shape[0]:
             raise ValueError(f"ScalarHead expects hidden [B, T, D={self.w.shape[0]}], got shape "
                              f"{hidden_btd.shape}")
-        # The explicit contraction to [B, T] avoids a [B, T, 1] output (DESIGN.md rule 3).
+        # The explicit contraction to [B, T] avoids a [B, T, 1] output: ranks are never broadcast.
         out_bt = jnp.einsum("btd,d->bt", hidden_btd.astype(jnp.float32), self.w[...])
         return self.gain[...] * (out_bt + self.b[...]) + self.bias[...]
 

@@ -9,8 +9,10 @@ import pytest
 
 from experiments import collect, common, pipeline, ppo, reward, sft
 from rlhf_jax import parallel
+from rlhf_jax import ppo as ppo_lib
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.runs import load_bundle, params_of
+from rlhf_jax.tasks import get_task
 
 MODULES = (sft, collect, reward, ppo, pipeline)
 
@@ -38,7 +40,7 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_pipeline_writes_every_output(tiny_run):
     cfg, summary = tiny_run
-    sft_cfg, collect_cfg, reward_cfg, ppo_cfg = pipeline.stage_configs(cfg)
+    sft_cfg, collect_cfg, reward_cfg, ppo_cfg = pipeline.stage_configs(cfg).values()
     for stage_cfg in (sft_cfg, reward_cfg, ppo_cfg):
         wd = stage_cfg.workdir
         with Checkpointer(f"{wd}/ckpt") as ckpt:
@@ -75,7 +77,7 @@ def _final_params(workdir):
 
 def test_killed_ppo_run_resumes_bit_identically(tiny_run, tmp_path):
     cfg, _ = tiny_run
-    base = pipeline.stage_configs(cfg)[3]
+    base = pipeline.stage_configs(cfg)["ppo"]
     full = dataclasses.replace(base, workdir=str(tmp_path / "full"), iterations=4,
                                checkpoint_every=2, eval_every=100)
     ppo.train(full)
@@ -96,19 +98,20 @@ def test_killed_ppo_run_resumes_bit_identically(tiny_run, tmp_path):
 
 def test_one_ppo_iteration_on_8_devices_matches_1_device(tiny_run):
     cfg, _ = tiny_run
-    pcfg = pipeline.stage_configs(cfg)[3]
-    policy, rm, critic, _, tok, pool = ppo.load_models(pcfg)
+    pcfg = pipeline.stage_configs(cfg)["ppo"]
+    policy, rm, critic, _, tok, reward_scorer = ppo.load_models(pcfg)
     lm_def, ref_params = nnx.split(policy)
-    rm_def, rm_params = nnx.split(rm)
-    tx = ppo.make_optimizer(pcfg)
-    fn = jax.jit(ppo.make_iteration(pcfg, lm_def, nnx.graphdef(critic), rm_def, tx,
-                                    ppo.sampling_config(pcfg, tok), tok.eos_id, pool))
-    tokens, mask, _ = common.prompt_set(common.imdb_sources(cfg.data_dir)["prompts"], tok,
-                                        pcfg.query_len, pcfg.batch_size)
+    rm_params = nnx.state(rm)
+    tx = ppo_lib.make_optimizer(pcfg)
+    program = ppo_lib.make_ppo(pcfg, lm_def, nnx.graphdef(critic), reward_scorer, tx,
+                               ppo_lib.sampling_config(pcfg, tok.pad_id, None))
+    fn = jax.jit(program.iteration)
+    tokens, mask, _ = get_task("imdb", cfg.data_dir).prompt_set("train", tok, pcfg.query_len,
+                                                                 pcfg.batch_size)
     results = []
     for n in (1, 8):
         mesh = parallel.make_mesh(n)
-        state = parallel.replicate(ppo.init_state(pcfg, policy, critic, tx), mesh)
+        state = parallel.replicate(ppo_lib.init_state(pcfg, policy, critic, tx), mesh)
         batch = parallel.shard_batch({"t": tokens, "m": mask}, mesh)
         _, metrics, resp, _ = fn(state, parallel.replicate(ref_params, mesh),
                                  parallel.replicate(rm_params, mesh), batch["t"], batch["m"])
@@ -123,7 +126,7 @@ def test_one_ppo_iteration_on_8_devices_matches_1_device(tiny_run):
 
 def test_human_labeling_round_trip_through_export_and_import(tiny_run, tmp_path):
     cfg, _ = tiny_run
-    base = dataclasses.replace(pipeline.stage_configs(cfg)[1], workdir=str(tmp_path / "collect"),
+    base = dataclasses.replace(pipeline.stage_configs(cfg)["collect"], workdir=str(tmp_path / "collect"),
                                train_prompts=8, eval_prompts=8)
     out = collect.train(dataclasses.replace(base, labeler="export"))
     assert out["stopped_at"] == "waiting for rankings"
