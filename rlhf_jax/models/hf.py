@@ -366,8 +366,10 @@ def _safetensors_problem(file: pathlib.Path) -> str | None:
             return (f"truncated: expected an 8-byte header length, the file has {size} bytes")
         n = int.from_bytes(head, "little")
         if 8 + n > size:
+            lfs = " (a Git LFS pointer: fetch the file with `git lfs pull`)" \
+                if head.startswith(b"version ") else ""
             return (f"truncated or not a safetensors file: the first 8 bytes announce a "
-                    f"{n}-byte JSON header, the file has {size} bytes")
+                    f"{n}-byte JSON header, the file has {size} bytes{lfs}")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
