@@ -507,6 +507,10 @@ CASES = [
         write_file("model.safetensors", "version https://git-lfs.github.com/spec/v1\n")),
          ValueError, r"model\.safetensors: truncated or not a safetensors file: the first 8 "
          r"bytes announce a \d+-byte JSON header"),
+    Case("hf dir", "model.safetensors header not JSON", hf_case(
+        lambda d: (d / "model.safetensors").write_bytes(
+            patched((d / "model.safetensors").read_bytes(), 8, b"#")) and d / "model.safetensors"),
+         ValueError, r"model\.safetensors: corrupt: the header is not JSON"),
     Case("hf dir", "missing tensor", hf_case(edit_tensors(
         drop_tensor("model.layers.1.mlp.up_proj.weight"))), ValueError,
          r"model\.safetensors: missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight' for a "
@@ -620,6 +624,10 @@ def test_untied_pairs_of_a_built_split(tmp_path):
 
 def test_mixed_k_can_be_allowed(tmp_path):
     recs = [record(0), record(1, k=2)]
+    with pytest.raises(DataError, match=r"<records>#1: field 'responses': expected K=3"):
+        comparisons.write_comparisons(tmp_path / "w.jsonl", recs)  # never written, then
+    assert not (tmp_path / "w.jsonl").exists()
+    assert comparisons.write_comparisons(tmp_path / "w.jsonl", recs, allow_mixed_k=True) == 2
     p = jsonl(tmp_path / "train.jsonl", recs)
     assert comparisons.read_comparisons(p, allow_mixed_k=True) == recs
     _, src = comparisons.build_comparisons(p, str(tmp_path / "tfds"), allow_mixed_k=True)

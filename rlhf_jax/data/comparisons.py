@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import functools
 import io
 import json
 import math
@@ -260,15 +259,19 @@ def require_untied_pairs(records, where: str, *, minimum: int = 1) -> int:
     return n
 
 
-def write_comparisons(path, records: Iterable[Mapping], *, require_ranks: bool = True) -> int:
+def write_comparisons(path, records: Iterable[Mapping], *, require_ranks: bool = True,
+                      allow_mixed_k: bool = False) -> int:
     """Validates and writes records as JSONL (UTF-8, one object per line); returns the count.
 
     The file is written to ``path + ".tmp"`` and renamed, so a crash never leaves half a file.
-    Raises :class:`DataError` (``"<records>#i"``) on the first invalid record or duplicate id.
+    Raises :class:`DataError` (``"<records>#i"``) on the first invalid record, duplicate id, or
+    (unless ``allow_mixed_k``) a record whose K differs from the first record's: what
+    :func:`read_comparisons` would reject is never written.
     """
     path = str(path)
     tmp = path + ".tmp"
     seen = set()
+    same_k = _SameK(not allow_mixed_k)
     n = 0
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
@@ -279,6 +282,7 @@ def write_comparisons(path, records: Iterable[Mapping], *, require_ranks: bool =
                     raise DataError(f"<records>#{i}", "duplicate_id",
                                     f"id {rec['id']!r} repeated", "id")
                 seen.add(rec["id"])
+                same_k.check(rec, f"<records>#{i}")
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 n += 1
     except BaseException:
@@ -563,8 +567,7 @@ class Comparisons(tfds_utils.RlhfBuilder):
         same_k, seen = _SameK(not self.allow_mixed_k), {}
         skipped_before = self.report.num_skipped
         for path in paths:
-            check = functools.partial(validate_comparison, require_ranks=True)
-            for rec in _read_jsonl_records(path, check, on_error=self.on_error,
+            for rec in _read_jsonl_records(path, validate_comparison, on_error=self.on_error,
                                            report=self.report, same_k=same_k,
                                            with_location=True, seen=seen):
                 where = rec.pop("_where")

@@ -394,9 +394,11 @@ def _load_safetensors_file(file: pathlib.Path) -> dict[str, np.ndarray]:
     try:
         return load_file(str(file))
     except (SafetensorError, ValueError, TypeError) as e:
-        problem = _safetensors_problem(file) or f"cannot be read ({type(e).__name__}: {e})"
-        raise ValueError(f"{file}: {problem}; expected a safetensors file (8-byte header length, "
-                         "JSON header, tensor bytes)") from e
+        problem = _safetensors_problem(file)
+        if problem is None:
+            problem = (f"cannot be read ({type(e).__name__}: {e}); expected a safetensors file "
+                       "(8-byte header length, JSON header, tensor bytes)")
+        raise ValueError(f"{file}: {problem}") from e
 
 
 def _read_safetensors(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
