@@ -152,6 +152,8 @@ def train(cfg: Config) -> dict:
     mesh = parallel.make_mesh()
     rm, mcfg, tok, _ = load_bundle(cfg.sft_dir, kind="scalar", compute_dtype=cfg.compute_dtype)
     _, sources = comparisons.build_comparisons(cfg.comparisons_dir, str(workdir / "tfds"))
+    # Every ranking tied would train to loss 0 and save an untrained model: refuse instead.
+    comparisons.require_untied_pairs(sources["train"], f"{cfg.comparisons_dir}/train")
     train_src = sources["train"]
     k = len(comparisons.decode_comparison(train_src[0])["responses"])
     loader = StatefulBatches(batching.comparison_batches(

@@ -31,6 +31,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from rlhf_jax import assets
+from rlhf_jax.gguf_file import open_gguf
 
 EOS_TOKEN = "<|endoftext|>"
 """End-of-text token of GPT-2 and of every tokenizer `train_bpe` makes."""
@@ -500,12 +501,10 @@ def from_gguf(path: str | os.PathLike) -> Tokenizer:
     Raises:
         FileNotFoundError: no such file.
         ValueError: `"{path}: ..."`: a malformed GGUF file (wrong magic, cut short, ...: see
-            `rlhf_jax.models.gguf.open_gguf`), a tokenizer that is not byte-level BPE
+            `rlhf_jax.gguf_file.open_gguf`), a tokenizer that is not byte-level BPE
             (`tokenizer.ggml.model != "gpt2"`), uses a pre-tokenizer we do not reproduce, lacks
             tokens/merges/eos, or names a special token id outside the vocabulary.
     """
-    from rlhf_jax.models.gguf import open_gguf
-
     path = pathlib.Path(path)
     reader = open_gguf(path)
     kind = _gguf_field(reader, "tokenizer.ggml.model")

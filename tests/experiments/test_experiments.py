@@ -106,8 +106,8 @@ def test_one_ppo_iteration_on_8_devices_matches_1_device(tiny_run):
     program = ppo_lib.make_ppo(pcfg, lm_def, nnx.graphdef(critic), reward_scorer, tx,
                                ppo_lib.sampling_config(pcfg, tok.pad_id, None))
     fn = jax.jit(program.iteration)
-    tokens, mask, _ = get_task("imdb", cfg.data_dir).prompt_set("train", tok, pcfg.query_len,
-                                                                 pcfg.batch_size)
+    task = get_task("imdb", cfg.data_dir)
+    tokens, mask, _ = task.prompt_set("train", tok, pcfg.query_len, pcfg.batch_size)
     results = []
     for n in (1, 8):
         mesh = parallel.make_mesh(n)
@@ -126,8 +126,8 @@ def test_one_ppo_iteration_on_8_devices_matches_1_device(tiny_run):
 
 def test_human_labeling_round_trip_through_export_and_import(tiny_run, tmp_path):
     cfg, _ = tiny_run
-    base = dataclasses.replace(pipeline.stage_configs(cfg)["collect"], workdir=str(tmp_path / "collect"),
-                               train_prompts=8, eval_prompts=8)
+    base = dataclasses.replace(pipeline.stage_configs(cfg)["collect"],
+                               workdir=str(tmp_path / "collect"), train_prompts=8, eval_prompts=8)
     out = collect.train(dataclasses.replace(base, labeler="export"))
     assert out["stopped_at"] == "waiting for rankings"
     assert not (tmp_path / "collect" / "summary.json").exists()  # the stage is not finished
@@ -152,3 +152,72 @@ def test_human_labeling_round_trip_through_export_and_import(tiny_run, tmp_path)
     with pytest.raises(FileNotFoundError, match="no train.jsonl"):
         collect.train(dataclasses.replace(base, workdir=str(tmp_path / "c2"), labeler="import",
                                           rankings_file=str(tmp_path)))
+
+
+def test_sft_and_collect_run_on_your_own_jsonl_task(tmp_path):
+    """The second task: prompts and demonstrations from JSONL, no gold scorer. SFT trains on it;
+    the simulated labeler is refused (no gold) and the export for people works."""
+    rows = [{"prompt": f"Review {i}: the film", "response": f" was {'good' if i % 2 else 'bad'}."}
+            for i in range(40)]
+    for split, rs in (("train", rows), ("eval", rows[:8])):
+        (tmp_path / "task").mkdir(exist_ok=True)
+        (tmp_path / "task" / f"{split}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rs))
+    task = f"jsonl:{tmp_path / 'task'}"
+    summary = sft.train(dataclasses.replace(sft.PRESETS["tiny"], task=task, vocab_size=300,
+                                            workdir=str(tmp_path / "sft"), max_train_texts=None))
+    assert np.isfinite(summary["eval_loss"]) and summary["vocab_size"] <= 300
+    base = dataclasses.replace(collect.PRESETS["tiny"], task=task, gold_path=None,
+                               workdir=str(tmp_path / "collect"), train_prompts=8, eval_prompts=4,
+                               policies=(str(tmp_path / "sft" / "final"),
+                                         str(tmp_path / "sft" / "half")))
+    with pytest.raises(ValueError, match="needs a gold scorer"):
+        collect.train(base)
+    out = collect.train(dataclasses.replace(base, labeler="export"))
+    assert out["stopped_at"] == "waiting for rankings"
+    exported = [json.loads(x) for x in open(tmp_path / "collect" / "to_label" / "train.jsonl")]
+    assert len(exported) == 8 and all(r["prompt"].startswith("Review") for r in exported)
+
+
+INVALID = [
+    (sft, dict(batch_size=-8), "batch_size=-8"),
+    (sft, dict(steps=0), "steps=0"),
+    (sft, dict(learning_rate=float("nan")), "learning_rate=nan"),
+    (sft, dict(checkpoint_every=0), "checkpoint_every=0"),
+    (sft, dict(compute_dtype="float16"), "compute_dtype='float16'"),
+    (reward, dict(loss="hinge"), "loss='hinge'"),
+    (reward, dict(pool="max"), "pool='max'"),
+    (reward, dict(epochs=0), "epochs=0"),
+    (reward, dict(learning_rate=float("inf")), "learning_rate=inf"),
+    (collect, dict(labeler="crowd"), "labeler='crowd'"),
+    (collect, dict(temperatures=(0.0,), policies=("a", "b")), "temperatures"),
+    (collect, dict(policies=("a",), temperatures=(1.0,)), "at least 2 responses"),
+    (collect, dict(labeler="import", rankings_file=None), "rankings_file=None"),
+    (collect, dict(train_prompts=0), "train_prompts=0"),
+    (ppo, dict(num_minibatches=0), "num_minibatches=0"),
+    (ppo, dict(batch_size=6, num_minibatches=4), "batch_size=6"),
+    (ppo, dict(kl_estimator="k7"), "kl_estimator='k7'"),
+    (ppo, dict(learning_rate=float("nan")), "learning_rate=nan"),
+    (ppo, dict(checkpoint_every=0), "checkpoint_every=0"),
+    (ppo, dict(missing_eos_penalty=-1.0, stop_token=None), "needs --stop-token"),
+    (ppo, dict(temperature=0.0), "temperature=0.0"),
+    (ppo, dict(eval_prompts=0), "eval_prompts=0"),
+]
+
+
+@pytest.mark.parametrize("module,changes,message", INVALID,
+                         ids=[f"{m.__name__.split('.')[-1]}-{list(c)[0]}" for m, c, _ in INVALID])
+def test_invalid_configs_are_refused_before_any_work(module, changes, message, tmp_path):
+    cfg = dataclasses.replace(module.PRESETS["tiny"], workdir=str(tmp_path / "w"), **changes)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        module.train(cfg)
+    assert not (tmp_path / "w").exists()  # refused before creating anything
+
+
+def test_all_invalid_fields_are_named_in_one_error(tmp_path):
+    cfg = dataclasses.replace(ppo.PRESETS["tiny"], workdir=str(tmp_path), batch_size=-8,
+                              kl_estimator="k7", learning_rate=float("nan"))
+    with pytest.raises(ValueError) as e:
+        ppo.train(cfg)
+    for part in ("batch_size=-8", "kl_estimator='k7'", "learning_rate=nan"):
+        assert part in str(e.value)
