@@ -298,18 +298,15 @@ def create_app(store: LabelStore, *, tokens: Mapping[str, str] | None = None,
 
     @app.post("/api/submit")
     def submit(body: SubmitBody, who: str = Depends(labeler)) -> dict:
-        result = store.submit(who, body.item, body.ranks, body.submission_id)
-        return {"result": result, "state": store.state(who)}
+        return store.submit(who, body.item, body.ranks, body.submission_id, then_state=True)
 
     @app.post("/api/skip")
     def skip(body: SkipBody, who: str = Depends(labeler)) -> dict:
-        result = store.skip(who, body.item)
-        return {"result": result, "state": store.state(who)}
+        return store.skip(who, body.item, then_state=True)
 
     @app.post("/api/undo")
     def undo(body: UndoBody, who: str = Depends(labeler)) -> dict:
-        result = store.undo(who, body.submission_id)
-        return {"result": result, "state": store.state(who)}
+        return store.undo(who, body.submission_id, then_state=True)
 
     @app.get("/api/agreement")
     def agreement(who: str = Depends(labeler)) -> dict:

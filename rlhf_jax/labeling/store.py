@@ -412,6 +412,11 @@ class LabelStore:
                         (labeler,)).fetchone()
         return None if row is None else {"submission_id": row[0], "item": row[1], "id": row[2]}
 
+    def _state(self, c: sqlite3.Connection, labeler: str, now: float) -> dict:
+        view = self._view(c, self._current(c, labeler, now), labeler)
+        return {"item": view, "progress": self._progress(c, labeler),
+                "last": self._last(c, labeler)}
+
     def state(self, labeler: str) -> dict:
         """The labeler's current item (leasing the next free one if needed) and progress.
 
@@ -424,19 +429,31 @@ class LabelStore:
         check_labeler(labeler)
         now = self.clock()
         with self._tx() as c:
-            view = self._view(c, self._current(c, labeler, now), labeler)
-            return {"item": view, "progress": self._progress(c, labeler),
-                    "last": self._last(c, labeler)}
+            return self._state(c, labeler, now)
+
+    def _act(self, labeler: str, fn: Callable, then_state: bool) -> dict:
+        """Runs ``fn(c, now)`` in one transaction, plus the labeler's next state if asked (one
+        commit, hence one fsync, for "store this and give me the next item")."""
+        check_labeler(labeler)
+        now = self.clock()
+        with self._tx() as c:
+            result = fn(c, now)
+            if then_state:
+                return {"result": result, "state": self._state(c, labeler, now)}
+            return result
 
     # ------------------------------------------------------------------------------------------
     # Rankings.
 
-    def submit(self, labeler: str, item: int, ranks: Sequence[int], submission_id: str) -> dict:
+    def submit(self, labeler: str, item: int, ranks: Sequence[int], submission_id: str, *,
+               then_state: bool = False) -> dict:
         """Stores the labeler's ranking of ``item`` (``ranks`` in display order); durable on return.
 
         Returns:
           ``{"duplicate": False, "submission_id", "item", "id"}`` — or ``duplicate=True`` when
           this ``submission_id`` was already stored (a retry), in which case nothing is written.
+          With ``then_state``: ``{"result": that, "state": <what state() returns>}``, from the
+          same transaction.
 
         Raises:
           InvalidRanking (422): wrong length, a rank outside ``[0, K)``, ranks not dense.
@@ -445,21 +462,19 @@ class LabelStore:
             went to someone else, the labeler already ranked it, or the submission id was used
             for another item.
         """
-        check_labeler(labeler)
         if not isinstance(submission_id, str) or not SUBMISSION_ID_RE.fullmatch(submission_id):
             raise LabelingError(f"submission_id: expected 8-64 characters from A-Z a-z 0-9 _ -, "
                                 f"got {str(submission_id)[:80]!r}")
-        now = self.clock()
-        with self._tx() as c:
+
+        def run(c: sqlite3.Connection, now: float) -> dict:
             prev = c.execute("SELECT item, labeler FROM labels WHERE submission_id = ?",
                              (submission_id,)).fetchone()
             if prev is not None:
                 if prev["item"] != item or prev["labeler"] != labeler:
                     raise Conflict(f"submission_id {submission_id!r} was already used for "
                                    f"another ranking; use a fresh id per ranking")
-                rid = self._item(c, item)["rid"]
                 return {"duplicate": True, "submission_id": submission_id, "item": item,
-                        "id": rid}
+                        "id": self._item(c, item)["rid"]}
             row = self._item(c, item)
             display_ranks = check_ranks(ranks, row["k"])
             if c.execute("SELECT 1 FROM labels WHERE item = ? AND labeler = ?",
@@ -473,7 +488,6 @@ class LabelStore:
                 raise Conflict(f"item {item} ({row['rid']!r}) is not leased to you (your current "
                                f"item: {cur}); reload to get your next item")
             if lease["expires_at"] <= now and self._room(c, item, labeler, now) <= 0:
-                c.execute("DELETE FROM leases WHERE labeler = ?", (labeler,))
                 raise Conflict(f"item {item} ({row['rid']!r}): your lease expired and the item "
                                f"went to another labeler; reload to get your next item")
             perm = self.perm(row["split"], row["rid"], labeler, row["k"])
@@ -485,15 +499,16 @@ class LabelStore:
             return {"duplicate": False, "submission_id": submission_id, "item": item,
                     "id": row["rid"]}
 
-    def skip(self, labeler: str, item: int) -> dict:
+        return self._act(labeler, run, then_state)
+
+    def skip(self, labeler: str, item: int, *, then_state: bool = False) -> dict:
         """The labeler passes on their current ``item``; it is never shown to them again.
 
         Idempotent (skipping an item twice is a no-op). Raises :class:`Conflict` when the item
-        is not the labeler's current item and was not skipped before.
+        is not the labeler's current item and was not skipped before. ``then_state`` as in
+        :meth:`submit`.
         """
-        check_labeler(labeler)
-        now = self.clock()
-        with self._tx() as c:
+        def run(c: sqlite3.Connection, now: float) -> dict:
             row = self._item(c, item)
             if c.execute("SELECT 1 FROM skips WHERE item = ? AND labeler = ?",
                          (item, labeler)).fetchone():
@@ -506,21 +521,21 @@ class LabelStore:
             c.execute("DELETE FROM leases WHERE labeler = ?", (labeler,))
             return {"duplicate": False, "item": item, "id": row["rid"]}
 
-    def undo(self, labeler: str, submission_id: str) -> dict:
+        return self._act(labeler, run, then_state)
+
+    def undo(self, labeler: str, submission_id: str, *, then_state: bool = False) -> dict:
         """Takes back the labeler's most recent ranking and leases its item to them again.
 
         The item becomes the labeler's current item, pre-filled (``draft``) with the ranking
         that was undone; the item they were looking at is released. Naming the ranking by its
         ``submission_id`` makes a retried undo harmless: the second one finds nothing to undo
-        (404) instead of taking back an older ranking.
+        (404) instead of taking back an older ranking. ``then_state`` as in :meth:`submit`.
 
         Raises:
           NotFound (404): no ranking with that id by this labeler (already undone?).
           Conflict (409): that ranking is not the labeler's most recent one.
         """
-        check_labeler(labeler)
-        now = self.clock()
-        with self._tx() as c:
+        def run(c: sqlite3.Connection, now: float) -> dict:
             row = c.execute("SELECT seq, item, ranks FROM labels WHERE submission_id = ? AND "
                             "labeler = ?", (submission_id, labeler)).fetchone()
             if row is None:
@@ -538,6 +553,8 @@ class LabelStore:
             c.execute("INSERT INTO leases (labeler, item, expires_at, draft) VALUES (?, ?, ?, ?)",
                       (labeler, row["item"], now + self.lease_seconds, json.dumps(draft)))
             return {"item": row["item"], "id": it["rid"], "ranks": draft}
+
+        return self._act(labeler, run, then_state)
 
     # ------------------------------------------------------------------------------------------
     # Reading everything back.
