@@ -109,9 +109,9 @@ def run_load(tmp_path, *, n_items, labels_per_item, n_labelers, kill_after, k=3)
     return stats
 
 
-def test_load_small_with_one_sigkill(tmp_path):
-    """5 labelers, 200 rankings (100 items x 2), one SIGKILL half way."""
-    run_load(tmp_path, n_items=100, labels_per_item=2, n_labelers=5, kill_after=[100])
+def test_load_small_with_two_sigkills(tmp_path):
+    """5 labelers, 200 rankings (100 items x 2), SIGKILL at 60 and 130 acks."""
+    run_load(tmp_path, n_items=100, labels_per_item=2, n_labelers=5, kill_after=[60, 130])
 
 
 @pytest.mark.slow
