@@ -120,6 +120,17 @@ def _dense(x: jax.Array, w: jax.Array, dtype, n_in: int = 1) -> jax.Array:
     return y.reshape(lead + w.shape[n_in:])
 
 
+def _adapted(module: nnx.Module, proj: str, x: jax.Array, y: jax.Array, dtype) -> jax.Array:
+    """``y = x · W`` of projection ``proj`` plus its LoRA update when an adapter is attached.
+
+    :func:`rlhf_jax.models.lora.apply_lora` attaches adapters as ``module.lora_<proj>`` (``proj``
+    in ``qkv``, ``out``, ``up``, ``gate``, ``down``); a model without them has no such attribute,
+    so its graph, parameters and outputs are exactly those of the plain model.
+    """
+    adapter = getattr(module, "lora_" + proj, None)
+    return y if adapter is None else adapter(x, y, dtype)
+
+
 class Norm(nnx.Module):
     """LayerNorm (gpt2) or RMSNorm (llama) over the last axis, computed in f32."""
 
@@ -177,7 +188,7 @@ class Attention(nnx.Module):
     def __call__(self, x_btd, allowed_bts, rope, cache_kv, index):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
         n, k = cfg.num_heads, cfg.num_kv_heads
-        qkv = _dense(x_btd, self.qkv[...], dtype)
+        qkv = _adapted(self, "qkv", x_btd, _dense(x_btd, self.qkv[...], dtype), dtype)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias[...][None, None]
         q, key, val = qkv[:, :, :n], qkv[:, :, n:n + k], qkv[:, :, n + k:]
@@ -195,7 +206,7 @@ class Attention(nnx.Module):
             out_btnh = attend(q, k_cache, v_cache, allowed_bts, dtype, kv_layout="bksh")
         else:
             out_btnh = attend(q, key, val, allowed_bts, dtype)
-        y = _dense(out_btnh, self.out[...], dtype, n_in=2)
+        y = _adapted(self, "out", out_btnh, _dense(out_btnh, self.out[...], dtype, n_in=2), dtype)
         if self.out_bias is not None:
             y = y + self.out_bias[...][None, None]
         return y, cache_kv
@@ -248,13 +259,14 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd):
         dtype = jnp.dtype(self.cfg.compute_dtype)
-        up = _dense(x_btd, self.up[...], dtype)
+        up = _adapted(self, "up", x_btd, _dense(x_btd, self.up[...], dtype), dtype)
         if self.gate is None:
             hidden = jax.nn.gelu(up + self.up_bias[...][None, None], approximate=True)
-            out = _dense(hidden, self.down[...], dtype)
+            out = _adapted(self, "down", hidden, _dense(hidden, self.down[...], dtype), dtype)
             return out + self.down_bias[...][None, None]
-        hidden = jax.nn.silu(_dense(x_btd, self.gate[...], dtype)) * up
-        return _dense(hidden, self.down[...], dtype)
+        gate = _adapted(self, "gate", x_btd, _dense(x_btd, self.gate[...], dtype), dtype)
+        hidden = jax.nn.silu(gate) * up
+        return _adapted(self, "down", hidden, _dense(hidden, self.down[...], dtype), dtype)
 
 
 class Block(nnx.Module):
