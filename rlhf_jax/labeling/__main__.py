@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import secrets
+import sqlite3
 import sys
 from typing import Sequence
 
@@ -149,7 +150,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=int, default=64 * 1024)
     s.set_defaults(fn=cmd_serve)
 
-    e = sub.add_parser("export", help="write <out>/{train,eval}.jsonl from a session's rankings")
+    e = sub.add_parser("export", help="write <out>/{train,eval}.jsonl from a session's rankings "
+                       "(exit status 1 when there is no ranking at all)")
     e.add_argument("db", help="the SQLite file, or the source/workdir it was created for")
     e.add_argument("--out", required=True, help="folder for <split>.jsonl")
     e.set_defaults(fn=cmd_export)
@@ -182,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:  # DataError is a ValueError
+    except (ValueError, FileNotFoundError, sqlite3.DatabaseError) as e:  # DataError: ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -10,11 +10,14 @@ import os
 import pathlib
 import shutil
 
-from labeling_helpers import ProcessServer
+from labeling_helpers import ProcessServer, ThreadServer
 import pytest
 
 from rlhf_jax.data import comparisons
 from rlhf_jax.labeling.__main__ import main
+from rlhf_jax.labeling.records import load_sources
+from rlhf_jax.labeling.server import create_app
+from rlhf_jax.labeling.store import LabelStore
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
@@ -262,3 +265,23 @@ def test_rank_with_mouse_and_keyboard_reload_undo_skip_and_export(tmp_path, brow
     assert len(got) == 5 and skipped not in got
     assert all(r["labeler"] == "alice" for r in records)
     assert comparisons.import_rankings(tmp_path / "out" / "train.jsonl") == records
+
+
+def test_token_link_signs_the_labeler_in_and_leaves_the_address_bar(tmp_path, browser_page):
+    page = browser_page
+    write_items(tmp_path / "to_label")
+    with LabelStore(tmp_path / "db.sqlite") as store:
+        load_sources(store, tmp_path / "to_label")
+        tokens = {"ann-token-0123456789": "ann"}
+        with ThreadServer(create_app(store, tokens=tokens)) as srv:
+            page.goto(srv.url + "/?token=ann-token-0123456789")
+            page.wait_for_selector("#work:not([hidden]) .card")
+            assert page.text_content("#labeler-name") == "ann"
+            assert "token" not in page.url
+            assert page.is_hidden("#change-name")
+            page.reload()  # the token is remembered by the browser
+            page.wait_for_selector("#work:not([hidden]) .card")
+            assert page.text_content("#labeler-name") == "ann"
+            page.goto(srv.url + "/?token=not-a-valid-token-0000")
+            page.wait_for_selector("#login:not([hidden]) #token-missing:not([hidden])")
+            assert page.is_hidden("#work")
