@@ -23,6 +23,7 @@ Outputs: ``train.jsonl`` / ``eval.jsonl`` (``rlhf_jax.data.comparisons`` schema,
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from flax import nnx
@@ -31,11 +32,13 @@ import numpy as np
 
 from experiments import common
 from rlhf_jax import parallel
+from rlhf_jax.checkpoint import files_digest
 from rlhf_jax.data import comparisons
 from rlhf_jax.data.batching import decode_rows
 from rlhf_jax.generation import sample_split, SamplingConfig
 from rlhf_jax.labelers import simulated_ranks
-from rlhf_jax.runs import load_bundle, write_summary
+from rlhf_jax.loop import check_output_dir, fingerprint, guard_outputs
+from rlhf_jax.runs import bundle_digest, load_bundle, write_summary
 from rlhf_jax.tasks import get_task
 
 
@@ -131,8 +134,8 @@ def sample_responses(cfg: Config, prompt_tokens, prompt_mask, mesh, tokenizer) -
 
 def train(cfg: Config) -> dict:
     common.check(cfg, cfg.errors())
-    workdir = Path(cfg.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = check_output_dir("collect", cfg.workdir)
+    (workdir / "summary.json").unlink(missing_ok=True)  # written again last: the finished marker
     mesh = parallel.make_mesh()
     task = get_task(cfg.task, cfg.data_dir)
     _, _, tok, _ = load_bundle(cfg.policies[0], kind="lm")
@@ -148,10 +151,28 @@ def train(cfg: Config) -> dict:
             raise ValueError(f"labeler='simulated' needs a gold scorer and task {cfg.task!r} has "
                              "none: use --labeler export (people rank the responses)")
 
+    # Finished splits are kept on a re-run, so they must come from the same config and models.
+    inputs = {f"policy{i}": bundle_digest(p) for i, p in enumerate(cfg.policies)}
+    if gold is not None and cfg.gold_path and Path(cfg.gold_path).exists():
+        inputs["gold"] = files_digest([cfg.gold_path])
+    if cfg.labeler == "import":
+        inputs["rankings"] = files_digest(
+            [_rankings_file(cfg.rankings_file, s) for s in ("train", "eval")])
+    if cfg.labeler != "export":
+        guard_outputs("collect", workdir, fingerprint(
+            cfg, exclude=("policies", "gold_path", "rankings_file", "data_dir"), data=inputs),
+            [workdir / "train.jsonl", workdir / "eval.jsonl"])
     for split, n in (("train", cfg.train_prompts), ("eval", cfg.eval_prompts)):
         out_path = workdir / f"{split}.jsonl"
-        if out_path.exists():
+        if out_path.exists():  # written by this run before it was stopped (guard_outputs)
             print(f"[collect] {out_path} exists; kept")
+            records = [json.loads(x) for x in open(out_path, encoding="utf-8") if x.strip()]
+            names = records[0]["policies"]
+            g = np.array([r["gold_scores"] for r in records], np.float32) \
+                if gold is not None else None
+            if cfg.labeler == "simulated":  # the labeler's random stream, as if never stopped
+                simulated_ranks(g, cfg.labeler_temperature, rng)
+            summary.update(_split_figures(split, records, names, g))
             continue
         if cfg.labeler == "import":  # the people's file holds prompts, responses and ranks
             records = comparisons.import_rankings(_rankings_file(cfg.rankings_file, split))
@@ -163,12 +184,11 @@ def train(cfg: Config) -> dict:
             records = [{"id": f"{split}-{i}", "prompt": p, "responses": r,
                         "labeler": cfg.labeler, "policies": names}
                        for i, (p, r) in enumerate(zip(prompts, responses))]
+        g = None
         if gold is not None:
             g = gold.score([x for r in records for x in r["responses"]]).reshape(len(records), -1)
             for rec, row in zip(records, g):
                 rec["gold_scores"] = [float(v) for v in row]
-            summary[f"{split}_mean_gold_prob_by_policy"] = dict(
-                zip(names, (1 / (1 + np.exp(-g))).mean(axis=0).round(4).tolist()))
         if cfg.labeler == "export":
             path = workdir / "to_label" / f"{split}.jsonl"
             path.parent.mkdir(exist_ok=True)
@@ -180,11 +200,8 @@ def train(cfg: Config) -> dict:
             ranks = simulated_ranks(g, cfg.labeler_temperature, rng)
             for rec, r in zip(records, ranks):
                 rec["ranks"] = [int(x) for x in r]
-        if gold is not None:
-            ranks = np.array([rec["ranks"] for rec in records])
-            summary[f"{split}_labeler_gold_pair_agreement"] = _pair_agreement(ranks, g)
-        comparisons.write_comparisons(out_path, records)
-        summary[f"{split}_comparisons"] = len(records)
+        comparisons.write_comparisons(out_path, records)  # atomic: a kill leaves no half file
+        summary.update(_split_figures(split, records, names, g))
     if cfg.labeler == "export":
         # No summary.json: the stage is not finished until the rankings are imported.
         return {"stage": "collect", "stopped_at": "waiting for rankings",
@@ -198,6 +215,19 @@ def headline(summary: dict) -> list[tuple[str, str, object, str]]:
              summary.get("gold_heldout_review_accuracy"), ".3f"),
             ("labeler_gold_agreement", "simulated labeler agreement with gold order",
              summary.get("train_labeler_gold_pair_agreement"), ".3f")]
+
+
+def _split_figures(split: str, records: list, names: list, gold_scores) -> dict:
+    """A split's summary figures, from its records and their gold scores ``[N, K]`` (None: no
+    gold scorer): the same whether the split was written now or kept from a stopped run."""
+    out = {}
+    if gold_scores is not None:
+        out[f"{split}_mean_gold_prob_by_policy"] = dict(
+            zip(names, (1 / (1 + np.exp(-gold_scores))).mean(axis=0).round(4).tolist()))
+        ranks = np.array([rec["ranks"] for rec in records])
+        out[f"{split}_labeler_gold_pair_agreement"] = _pair_agreement(ranks, gold_scores)
+    out[f"{split}_comparisons"] = len(records)
+    return out
 
 
 def _rankings_file(path: str | None, split: str) -> Path:

@@ -4,6 +4,7 @@ Kept deliberately small; anything that becomes library-grade moves to ``rlhf_jax
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 import sys
@@ -59,11 +60,14 @@ def init_lm(model: str, init_from: str | None, tokenizer_spec: str, vocab_size: 
     """The LM a stage starts from: ``(model, cfg, tokenizer)``.
 
     ``init_from`` (weights) wins over ``model`` (an architecture trained from scratch). A tokenizer
-    trained here (``tokenizer_spec == "bpe"``) is cached in ``workdir/tokenizer`` so a resumed run
-    uses the identical vocabulary.
+    trained here (``tokenizer_spec == "bpe"``) is cached in ``workdir/tokenizer`` (written all at
+    once, with a digest of the texts and the vocabulary size it was trained for) so a resumed run
+    uses the identical vocabulary; a cache trained for other texts or another size is refused.
     """
+    from rlhf_jax.checkpoint import text_digest
     from rlhf_jax.data import tokenizers
-    from rlhf_jax.runs import load_bundle
+    from rlhf_jax.loop import RunMismatchError
+    from rlhf_jax.runs import load_bundle, writing_dir
 
     if init_from:
         if (Path(init_from) / "model.json").exists():
@@ -79,11 +83,20 @@ def init_lm(model: str, init_from: str | None, tokenizer_spec: str, vocab_size: 
 
     tok_dir = workdir / "tokenizer"
     if tokenizer_spec == "bpe":
+        source = {"texts": text_digest(texts), "vocab_size": vocab_size}
         if (tok_dir / "tokenizer.json").exists():
+            cached = json.loads((tok_dir / "source.json").read_text()) \
+                if (tok_dir / "source.json").exists() else source
+            if cached != source:
+                raise RunMismatchError(
+                    f"{tok_dir} holds a tokenizer trained for another run ({cached} → {source}); "
+                    f"to start fresh, delete {workdir} or choose another --workdir")
             tok = tokenizers.Tokenizer.load(tok_dir)
         else:
             tok = tokenizers.train_bpe(texts, vocab_size)
-            tok.save(tok_dir)
+            with writing_dir(tok_dir) as tmp:  # all or nothing: a kill leaves no half tokenizer
+                tok.save(tmp)
+                (tmp / "source.json").write_text(json.dumps(source) + "\n")
     else:
         tok = tokenizers.load_tokenizer(tokenizer_spec)
     if model not in MODELS:

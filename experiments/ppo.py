@@ -29,11 +29,13 @@ import numpy as np
 
 from experiments import common
 from rlhf_jax import parallel, ppo
+from rlhf_jax.checkpoint import files_digest, tree_digest
 from rlhf_jax.data.batching import decode_rows
-from rlhf_jax.loop import StatefulBatches, TrainLoop
+from rlhf_jax.loop import check_output_dir, fingerprint, StatefulBatches, TrainLoop
 from rlhf_jax.metrics import plot_curves, read_metrics
 from rlhf_jax.models.heads import ScalarHead
-from rlhf_jax.runs import load_bundle, load_params_into, save_bundle, write_summary
+from rlhf_jax.runs import (load_bundle, load_params_into, params_of, save_bundle, write_samples,
+                           write_summary)
 from rlhf_jax.scoring import RewardScorer
 from rlhf_jax.tasks import get_task
 
@@ -88,6 +90,12 @@ PRESETS: dict[str, Config] = {
 }
 
 
+# Checked every iteration, in this order (the first non-finite one is named): the rollout's
+# reward-model scores and KL, the loss and gradient norm of the update, the evaluation.
+FINITE = ("objective/scores", "objective/kl", "objective/rlhf_reward", "ppo/loss",
+          "ppo/grad_norm", "eval/scores", "eval/kl_k1", "eval/kl_k3")
+
+
 def load_models(cfg: Config):
     """Policy (= reference), reward model and critic bundles, the tokenizer and the scorer."""
     policy, mcfg, tok, _ = load_bundle(cfg.sft_dir, kind="lm", compute_dtype=cfg.compute_dtype)
@@ -114,10 +122,14 @@ def stop_id(cfg: Config, tokenizer) -> int | None:
 def train(cfg: Config) -> dict:
     """Runs (or resumes) PPO; returns the summary (also written to ``summary.json``)."""
     common.check(cfg, cfg.errors())
-    workdir = Path(cfg.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = check_output_dir("ppo", cfg.workdir)
     mesh = parallel.make_mesh(cfg.num_devices)
     policy, rm, critic, mcfg, tok, reward = load_models(cfg)
+    inputs = {"sft": tree_digest(params_of(policy)), "reward": tree_digest(params_of(rm))}
+    if cfg.gold_path and Path(cfg.gold_path).exists():
+        inputs["gold"] = files_digest([cfg.gold_path])
+    fp = fingerprint(cfg, ("iterations", "sft_dir", "reward_dir", "gold_path", "num_devices"),
+                     inputs)
     if cfg.query_len + cfg.response_len + 1 > mcfg.max_seq_len:
         raise ValueError(f"query_len + response_len + 1 = {cfg.query_len + cfg.response_len + 1} "
                          f"exceeds the model's max_seq_len={mcfg.max_seq_len}")
@@ -133,8 +145,7 @@ def train(cfg: Config) -> dict:
 
     task = get_task(cfg.task, cfg.data_dir)
     prompts = StatefulBatches(task.prompt_batches(tok, cfg.query_len, cfg.batch_size, cfg.seed))
-    eval_tokens, eval_mask, eval_texts = task.prompt_set("eval", tok, cfg.query_len,
-                                                         cfg.eval_prompts)
+    eval_tokens, eval_mask, _ = task.prompt_set("eval", tok, cfg.query_len, cfg.eval_prompts)
     gold = None
     if cfg.gold_path and Path(cfg.gold_path).exists():
         from rlhf_jax.labelers import GoldSentimentScorer
@@ -158,9 +169,11 @@ def train(cfg: Config) -> dict:
 
     loop = TrainLoop("ppo", workdir, cfg.iterations, checkpoint_every=cfg.checkpoint_every,
                      stop_after=cfg.stop_after, wandb=cfg.wandb, config=cfg,
-                     show=("objective/scores", "objective/gold", "objective/kl", "ppo/clipfrac"))
+                     show=("objective/scores", "objective/gold", "objective/kl", "ppo/clipfrac"),
+                     fingerprint=fp, unit="iteration")
     state = loop.restore(state, data=prompts)
     sft_eval, sft_tokens, sft_mask = run_eval(ref_params)
+    loop.check_finite(0, sft_eval, FINITE)
     if loop.start == 0:
         loop.log(0, sft_eval, force=True)
     for it in loop.steps():
@@ -175,6 +188,7 @@ def train(cfg: Config) -> dict:
             metrics["objective/gold"] = _gold_mean(gold, tok, resp, resp_mask)
         if it % cfg.eval_every == 0 or it == cfg.iterations:
             metrics.update(run_eval(state.params["policy"])[0])
+        loop.check_finite(it, metrics, FINITE)  # one NaN/inf reward or KL stops the run
         loop.log(it, metrics)
         loop.end_step(it, state, data=prompts)
     loop.close()
@@ -182,17 +196,16 @@ def train(cfg: Config) -> dict:
         return {"stage": "ppo", "stopped_at": loop.last}
 
     final_eval, ppo_tokens, ppo_mask = run_eval(state.params["policy"])
+    loop.check_finite(loop.last, final_eval, FINITE)
     load_params_into(policy, nnx.to_pure_dict(jax.device_get(state.params["policy"])))
-    save_bundle(workdir / "final", policy, mcfg, tok, kind="lm", extra={"stage": "ppo"})
-    try:
-        from rlhf_jax.models.hf import save_pretrained
-        save_pretrained(policy, mcfg, workdir / "final" / "hf",
-                        extra_config={"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id})
-        tok.save(workdir / "final" / "hf")  # tokenizer.json + tokenizer_config.json
-    except (ImportError, ValueError) as e:  # export is a convenience; the bundle is the result
-        print(f"[ppo] Hugging Face export skipped: {e}")
-    _write_samples(workdir / "samples.md", tok, gold, eval_texts, eval_tokens, eval_mask,
-                   sft_tokens, sft_mask, ppo_tokens, ppo_mask)
+    # The bundle and its Hugging Face export, written together (all or nothing).
+    save_bundle(workdir / "final", policy, mcfg, tok, kind="lm", extra={"stage": "ppo"},
+                hf_config={"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id})
+    n = 12
+    write_samples(workdir / "samples.md", "SFT vs PPO responses to the same held-out prompts",
+                  decode_rows(tok, eval_tokens[:n], eval_mask[:n]),
+                  {"SFT": decode_rows(tok, sft_tokens[:n], sft_mask[:n]),
+                   "PPO": decode_rows(tok, ppo_tokens[:n], ppo_mask[:n])}, gold)
     rows = read_metrics(workdir / "metrics.jsonl")
     _plot(rows, workdir)
 
@@ -229,25 +242,6 @@ def headline(summary: dict) -> list[tuple[str, str, object, str]]:
 
 def _gold_mean(gold, tokenizer, tokens, mask) -> float:
     return float(np.mean(gold.prob(decode_rows(tokenizer, np.asarray(tokens), np.asarray(mask)))))
-
-
-def _write_samples(path, tok, gold, texts, prompt_tokens, prompt_mask, sft_t, sft_m, ppo_t, ppo_m,
-                   n: int = 12):
-    prompts = decode_rows(tok, prompt_tokens[:n], prompt_mask[:n])
-    sft = decode_rows(tok, sft_t[:n], sft_m[:n])
-    ppo = decode_rows(tok, ppo_t[:n], ppo_m[:n])
-    g_sft = gold.prob(sft) if gold else [float("nan")] * n
-    g_ppo = gold.prob(ppo) if gold else [float("nan")] * n
-
-    def cell(s):
-        return s.replace("|", "\\|").replace("\n", " ")
-
-    lines = ["# SFT vs PPO responses to the same held-out prompts", "",
-             "Gold = the gold scorer's P(positive) of the response.", "",
-             "| prompt | SFT response | gold | PPO response | gold |", "|---|---|---|---|---|"]
-    for p, a, ga, b, gb in zip(prompts, sft, g_sft, ppo, g_ppo):
-        lines.append(f"| {cell(p)} | {cell(a)} | {ga:.2f} | {cell(b)} | {gb:.2f} |")
-    Path(path).write_text("\n".join(lines) + "\n")
 
 
 def _plot(rows, workdir: Path):

@@ -17,7 +17,6 @@ Outputs: ``ckpt/``, ``metrics.jsonl``, ``tensorboard/``, ``reward.png``, ``summa
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from flax import nnx
 import jax
@@ -27,9 +26,10 @@ import optax
 
 from experiments import common
 from rlhf_jax import losses, parallel, rl
-from rlhf_jax.loop import StatefulBatches, TrainLoop
+from rlhf_jax.checkpoint import files_digest, tree_digest
+from rlhf_jax.loop import check_output_dir, fingerprint, StatefulBatches, TrainLoop
 from rlhf_jax.metrics import plot_curves, read_metrics
-from rlhf_jax.runs import load_bundle, load_params_into, save_bundle, write_summary
+from rlhf_jax.runs import load_bundle, load_params_into, params_of, save_bundle, write_summary
 from rlhf_jax.scoring import POOLS, RewardScorer
 
 
@@ -147,10 +147,13 @@ def train(cfg: Config) -> dict:
     from rlhf_jax.data import batching, comparisons  # grain/TFDS: only needed to train
 
     common.check(cfg, cfg.errors())
-    workdir = Path(cfg.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = check_output_dir("reward", cfg.workdir)
     mesh = parallel.make_mesh()
     rm, mcfg, tok, _ = load_bundle(cfg.sft_dir, kind="scalar", compute_dtype=cfg.compute_dtype)
+    # The run's identity: the config (not the epochs) + the comparisons + the initial weights.
+    files = [f for fs in comparisons.split_files(cfg.comparisons_dir).values() for f in fs]
+    fp = fingerprint(cfg, exclude=("epochs", "sft_dir", "comparisons_dir"),
+                     data={"comparisons": files_digest(files), "sft": tree_digest(params_of(rm))})
     _, sources = comparisons.build_comparisons(cfg.comparisons_dir, str(workdir / "tfds"))
     # Every ranking tied would train to loss 0 and save an untrained model: refuse instead.
     comparisons.require_untied_pairs(sources["train"], f"{cfg.comparisons_dir}/train")
@@ -171,7 +174,7 @@ def train(cfg: Config) -> dict:
 
     loop = TrainLoop("reward", workdir, steps, checkpoint_every=cfg.checkpoint_every,
                      log_every=cfg.log_every, show=("rm/loss", "rm/accuracy"), wandb=cfg.wandb,
-                     config=cfg)
+                     config=cfg, fingerprint=fp)
     params, opt_state = loop.restore((params, opt_state), data=loader)
     for step in loop.steps():
         batch = batching.arrays_only(loader.next())
@@ -179,6 +182,7 @@ def train(cfg: Config) -> dict:
                                                                   "response_mask", "ranks",
                                                                   "valid")}, mesh)
         params, opt_state, metrics = train_step(params, opt_state, batch)
+        loop.check_finite(step, metrics, ("rm/loss", "rm/grad_norm"))
         loop.log(step, metrics)
         loop.end_step(step, (params, opt_state), data=loader)
     loop.close()

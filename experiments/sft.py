@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 import time
 
 from flax import nnx
@@ -28,10 +27,11 @@ import optax
 
 from experiments import common
 from rlhf_jax import losses, parallel
-from rlhf_jax.loop import StatefulBatches, TrainLoop
+from rlhf_jax.checkpoint import text_digest, tree_digest
+from rlhf_jax.loop import check_output_dir, fingerprint, StatefulBatches, TrainLoop
 from rlhf_jax.metrics import plot_curves, read_metrics
 from rlhf_jax.models.transformer import positions_from_mask
-from rlhf_jax.runs import load_params_into, save_bundle, write_summary
+from rlhf_jax.runs import load_params_into, params_of, save_bundle, write_summary
 from rlhf_jax.tasks import get_task
 
 
@@ -128,14 +128,19 @@ def train(cfg: Config) -> dict:
     from rlhf_jax.data import batching  # grain/TFDS: only needed to train
 
     common.check(cfg, cfg.errors())
-    workdir = Path(cfg.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = check_output_dir("sft", cfg.workdir)
     mesh = parallel.make_mesh()
     task = get_task(cfg.task, cfg.data_dir)
     train_src = task.sft_source("train", cfg.max_train_texts)
+    texts = [r["text"] for r in train_src]
     model, model_cfg, tokenizer = common.init_lm(cfg.model, cfg.init_from, cfg.tokenizer,
-                                                 cfg.vocab_size, [r["text"] for r in train_src],
-                                                 cfg.compute_dtype, cfg.seed, workdir)
+                                                 cfg.vocab_size, texts, cfg.compute_dtype,
+                                                 cfg.seed, workdir)
+    # The run's identity: the config (not the step count) + the texts (+ the initial weights).
+    inputs = {"train_texts": text_digest(texts)}
+    if cfg.init_from:
+        inputs["init_from"] = tree_digest(params_of(model))
+    fp = fingerprint(cfg, exclude=("steps", "data_dir"), data=inputs)
     if cfg.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len "
                          f"{model_cfg.max_seq_len}")
@@ -159,12 +164,13 @@ def train(cfg: Config) -> dict:
 
     loop = TrainLoop("sft", workdir, cfg.steps, checkpoint_every=cfg.checkpoint_every,
                      log_every=cfg.log_every, show=("lm/loss", "lm/accuracy"), wandb=cfg.wandb,
-                     config=cfg)
+                     config=cfg, fingerprint=fp)
     params, opt_state = loop.restore((params, opt_state), data=loader)
     t0, tokens_seen = time.perf_counter(), 0
     for step in loop.steps():
         batch = parallel.shard_batch(batching.arrays_only(loader.next()), mesh)
         params, opt_state, metrics = train_step(params, opt_state, batch)
+        loop.check_finite(step, metrics, ("lm/loss", "lm/grad_norm"))
         tokens_seen += cfg.batch_size * cfg.seq_len
         metrics["perf/tokens_per_s"] = tokens_seen / (time.perf_counter() - t0)
         loop.log(step, metrics)

@@ -1,10 +1,17 @@
 """Checkpoints: the only module that imports orbax.
 
 A checkpoint holds one pytree of arrays (params, optimiser state, PRNG key, KL-controller state, …)
-and one JSON document (step, data-iterator state, config, anything small). Typed PRNG keys are
-stored
-as their raw key data and rebuilt on restore, so a resumed run draws the same numbers as an
-uninterrupted one.
+and one JSON document (step, data-iterator state, the run's fingerprint, anything small). Typed PRNG
+keys are stored as their raw key data and rebuilt on restore, so a resumed run draws the same
+numbers as an uninterrupted one.
+
+Writes are atomic: orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and renames it to
+``<step>`` when complete, so a run killed while saving leaves only that temporary folder
+(:meth:`Checkpointer.incomplete` lists it; the next save of that step replaces it). Saving over an
+existing step replaces it (orbax alone would silently keep the old one).
+
+The digests (:func:`tree_digest`, :func:`files_digest`, :func:`text_digest`) identify a run's
+inputs by content; :class:`rlhf_jax.loop.TrainLoop` stores them with every checkpoint.
 
 Start-up order (big_vision): **resume** from the newest checkpoint in the run's own folder, else
 **init-from** another run's final checkpoint (e.g. PPO starting from the SFT policy), else
@@ -21,15 +28,17 @@ Example::
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 _KEY_TAG = "__prng_key_impl__"
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 def _is_prng_key(x) -> bool:
@@ -84,12 +93,42 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """Every complete step, oldest first."""
+        return sorted(self._mngr.all_steps())
+
+    def incomplete(self) -> list[Path]:
+        """Folders of saves that never finished (a run killed while writing a checkpoint)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir() if _TMP_SUFFIX in p.name)
+
     def save(self, step: int, state: Any, metadata: dict | None = None) -> None:
-        """Writes ``state`` (a pytree of arrays) and ``metadata`` (JSON-able) at ``step``."""
-        self._mngr.save(step, args=ocp.args.Composite(
+        """Writes ``state`` (a pytree of arrays) and ``metadata`` (JSON-able) at ``step``.
+
+        An existing checkpoint at ``step`` is replaced (deleted first; the write itself is
+        atomic). Saving a step older than the newest one is allowed.
+
+        Raises:
+          RuntimeError: orbax did not write the step (the save is never skipped silently).
+        """
+        if step in self._mngr.all_steps():
+            self._mngr.delete(step)
+        saved = self._mngr.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_encode_keys(state)),
             meta=ocp.args.JsonSave(metadata or {})))
         self._mngr.wait_until_finished()
+        if not saved or step not in self._mngr.all_steps():
+            raise RuntimeError(f"{self.directory}: the checkpoint of step {step} was not written "
+                               f"(orbax skipped the save; steps present: {self.all_steps()})")
+
+    def delete(self, step: int) -> None:
+        self._mngr.delete(step)
+
+    def restore_meta(self, step: int) -> dict:
+        """Only the JSON document saved with ``step`` (cheap: no arrays are read)."""
+        out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"] or {})
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores the state at ``step`` (newest by default) into ``template``'s structure.
@@ -132,3 +171,38 @@ def load_state(directory: str | os.PathLike, template: Any,
     """One-shot restore (e.g. init-from: PPO reading the SFT run's final checkpoint)."""
     with Checkpointer(directory) as ckpt:
         return ckpt.restore(template, step)
+
+
+def tree_digest(tree: Any) -> str:
+    """A content hash (16 hex digits of sha256) of a pytree of arrays: every leaf's path, dtype,
+    shape and bytes. Equal trees give equal digests on any machine; typed PRNG keys hash by their
+    key data."""
+    h = hashlib.sha256()
+    host = jax.device_get(_encode_keys(tree))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(host):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def files_digest(paths: Iterable[str | os.PathLike], root: str | os.PathLike | None = None) -> str:
+    """A content hash of files (sorted; each named relative to ``root`` or by its base name)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(p) for p in paths):
+        h.update((str(p.relative_to(root)) if root is not None else p.name).encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def text_digest(texts: Iterable[str]) -> str:
+    """A content hash of a sequence of strings (order matters)."""
+    h = hashlib.sha256()
+    for t in texts:
+        b = t.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()[:16]

@@ -7,22 +7,31 @@ initialises from::
     final/model.json      {"kind": "lm"|"scalar", "config": ModelConfig fields, "head_init": ...}
     final/params/         orbax checkpoint of the parameters (a pure dict of arrays)
     final/tokenizer/      the tokenizer (rlhf_jax.data.tokenizers.Tokenizer.save)
+    final/hf/             optional: the Hugging Face export (PPO's policy)
 
 Start-up order (big_vision): resume from ``ckpt/`` > init-from a previous stage's ``final/`` >
 scratch.
+
+**All or nothing.** A bundle (with its Hugging Face export) is written into a temporary sibling
+folder and renamed into place (:func:`writing_dir`), so ``final/`` is always one complete bundle of
+one run, never a mix of an old and a new one. ``summary.json`` is written atomically and last: it
+is the "finished" marker (the pipeline skips a stage that has one), and
+:class:`rlhf_jax.loop.TrainLoop` removes it when a run (re)starts.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+import shutil
+from typing import Any, Iterator, Mapping, Sequence
 
 from flax import nnx
 import jax
 
-from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.checkpoint import Checkpointer, files_digest, tree_digest
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import ScalarModel
 from rlhf_jax.models.transformer import Transformer
@@ -49,18 +58,74 @@ def build_model(kind: str, cfg: ModelConfig, seed: int = 0, head_init: str = "re
     raise ValueError(f"model kind {kind!r}; expected 'lm' or 'scalar'")
 
 
-def save_bundle(directory: str | os.PathLike, model: nnx.Module, cfg: ModelConfig, tokenizer,
-                kind: str, head_init: str | None = None, extra: dict | None = None) -> Path:
-    """Writes a model bundle (see the module docstring) and returns its folder."""
+@contextlib.contextmanager
+def writing_dir(directory: str | os.PathLike) -> Iterator[Path]:
+    """Yields an empty temporary sibling of ``directory`` to write into; when the block ends
+    without an error it replaces ``directory`` (renames), otherwise it is removed and
+    ``directory`` is left as it was.
+
+    Leftovers of a process killed while writing (``.<name>.tmp``, ``.<name>.old``) are removed.
+    Replacing an existing folder takes two renames (old out, new in); a kill between them leaves
+    no ``directory`` at all (and a ``.<name>.old``), never a mix of the two.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with Checkpointer(directory / "params", max_to_keep=1) as ckpt:
-        ckpt.save(0, params_of(model))
-    tokenizer.save(directory / "tokenizer")
-    meta = {"kind": kind, "config": dataclasses.asdict(cfg), "head_init": head_init,
-            **(extra or {})}
-    (directory / "model.json").write_text(json.dumps(meta, indent=2))
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    old = directory.with_name(f".{directory.name}.old")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if directory.exists():
+        os.rename(directory, old)
+    os.rename(tmp, directory)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_bundle(directory: str | os.PathLike, model: nnx.Module, cfg: ModelConfig, tokenizer,
+                kind: str, head_init: str | None = None, extra: dict | None = None,
+                hf_config: dict | None = None) -> Path:
+    """Writes a model bundle (see the module docstring) and returns its folder.
+
+    Everything is written into a temporary sibling folder that then replaces ``directory``
+    (:func:`writing_dir`): the bundle is complete and of this call, or the old one is untouched.
+
+    Args:
+      hf_config: also export ``directory/hf`` in Hugging Face format (``config.json``,
+        ``model.safetensors``, the tokenizer) with these keys merged into ``config.json`` (e.g.
+        ``eos_token_id``); a model family without an HF mapping skips the export with a message.
+    """
+    directory = Path(directory)
+    with writing_dir(directory) as tmp:
+        with Checkpointer(tmp / "params", max_to_keep=1) as ckpt:
+            ckpt.save(0, params_of(model))
+        tokenizer.save(tmp / "tokenizer")
+        if hf_config is not None:
+            try:
+                from rlhf_jax.models.hf import save_pretrained
+                save_pretrained(model, cfg, tmp / "hf", extra_config=hf_config)
+                tokenizer.save(tmp / "hf")  # tokenizer.json + tokenizer_config.json
+            except (ImportError, ValueError) as e:  # a convenience; the bundle is the result
+                shutil.rmtree(tmp / "hf", ignore_errors=True)
+                print(f"[{directory}] Hugging Face export skipped: {e}")
+        meta = {"kind": kind, "config": dataclasses.asdict(cfg), "head_init": head_init,
+                **(extra or {})}
+        (tmp / "model.json").write_text(json.dumps(meta, indent=2))
     return directory
+
+
+def bundle_digest(directory: str | os.PathLike) -> str:
+    """A content hash of a bundle: its parameters' values (not the orbax files, which carry
+    timestamps) and its tokenizer files; the same model saved twice has the same digest."""
+    directory = Path(directory)
+    model, _, _, _ = load_bundle(directory)
+    tok_files = [p for p in (directory / "tokenizer").rglob("*") if p.is_file()]
+    return tree_digest(params_of(model)) + files_digest(tok_files, directory)[:8]
 
 
 def load_bundle(directory: str | os.PathLike, kind: str | None = None,
@@ -96,9 +161,38 @@ def load_bundle(directory: str | os.PathLike, kind: str | None = None,
 
 
 def write_summary(workdir: str | os.PathLike, summary: dict[str, Any]) -> Path:
+    """Writes ``workdir/summary.json`` atomically (a temporary file renamed over it). A stage
+    writes it last, after every other output: it marks the stage as finished."""
     path = Path(workdir) / "summary.json"
-    path.write_text(json.dumps(jax.tree.map(_plain, summary), indent=2) + "\n")
+    tmp = path.with_name(".summary.json.tmp")
+    tmp.write_text(json.dumps(jax.tree.map(_plain, summary), indent=2) + "\n")
+    os.replace(tmp, path)
     return path
+
+
+def write_samples(path: str | os.PathLike, title: str, prompts: Sequence[str],
+                  responses: Mapping[str, Sequence[str]], gold=None) -> Path:
+    """A Markdown table of several policies' responses to the same prompts (``samples.md``).
+
+    Args:
+      title: the heading.
+      prompts: ``N`` prompt texts.
+      responses: ``{policy name: N response texts}``, one pair of columns each.
+      gold: a scorer with ``prob(texts)`` (the gold P(positive) column), or None (``nan``).
+    """
+    def cell(s):
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    cols = {name: (list(texts), gold.prob(texts) if gold else [float("nan")] * len(texts))
+            for name, texts in responses.items()}
+    lines = [f"# {title}", "", "Gold = the gold scorer's P(positive) of the response.", "",
+             "| prompt | " + " | ".join(f"{name} response | gold" for name in cols) + " |",
+             "|---|" + "---|---|" * len(cols)]
+    for i, p in enumerate(prompts):
+        lines.append(f"| {cell(p)} | " + " | ".join(f"{cell(t[i])} | {g[i]:.2f}"
+                                                    for t, g in cols.values()) + " |")
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)
 
 
 def read_summary(workdir: str | os.PathLike) -> dict | None:
