@@ -36,6 +36,7 @@ Shapes: B batch, T tokens, D model, N query heads, K kv heads, H head dim, F MLP
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -49,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.heads import ScalarHead, ScalarModel
 from rlhf_jax.models.transformer import _dense, _scaled_normal, Attention, MLP, Transformer
 
 #: Every target name; ``"qkv"`` excludes ``"q"``, ``"k"`` and ``"v"``.
@@ -285,10 +287,19 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     model again (``save_pretrained``, the sampler, any code that knows no LoRA).
     """
     merged = nnx.clone(model)
-    for module, proj, adapter in adapters(merged):
-        w = getattr(module, proj)
-        w.set_value(w[...] + adapter.delta())
+    kernels = _merged_kernels(*nnx.split(merged))
+    for (module, proj, _), kernel in zip(adapters(merged), kernels):
+        getattr(module, proj).set_value(kernel)
     return remove_adapters(merged)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _merged_kernels(graphdef: nnx.GraphDef, state: nnx.State) -> list[jax.Array]:
+    """``W + s · A · B`` of every adapted projection, in :func:`adapters` order (one program:
+    eager, each kernel shape would compile its own small ops)."""
+    model = nnx.merge(graphdef, state)
+    return [getattr(module, proj)[...] + adapter.delta()
+            for module, proj, adapter in adapters(model)]
 
 
 def base_graphdef(model: nnx.Module) -> nnx.GraphDef:
@@ -298,6 +309,29 @@ def base_graphdef(model: nnx.Module) -> nnx.GraphDef:
     built from the same arrays: no second copy of the weights.
     """
     return nnx.graphdef(remove_adapters(nnx.clone(model)))
+
+
+def base_model(model: nnx.Module) -> Transformer:
+    """The backbone with its adapters off: a plain Transformer on the same arrays (no copy)."""
+    return remove_adapters(nnx.clone(backbone(model)[1]))
+
+
+def scalar_model_on_base(model: nnx.Module, lcfg: LoraConfig, *, rngs: nnx.Rngs,
+                         head_init: str = "reward") -> ScalarModel:
+    """A LoRA scalar model (reward model or critic) on ``model``'s base: the backbone is the
+    base's arrays (shared, not copied) with fresh adapters, plus a new :class:`ScalarHead`.
+
+    Args:
+      model: a Transformer (adapted or not) whose base to share.
+      lcfg: the scalar model's own adapters.
+      rngs: draws the adapters' ``A`` and a reward head's weights.
+      head_init: ``"reward"`` or ``"value"`` (see :class:`ScalarHead`).
+    """
+    cfg = backbone(model)[1].cfg
+    scalar = nnx.eval_shape(lambda: ScalarModel(cfg, head_init=head_init, rngs=nnx.Rngs(0)))
+    scalar.backbone = base_model(model)
+    scalar.head = ScalarHead(cfg.d_model, init=head_init, rngs=rngs)
+    return apply_lora(scalar, lcfg, rngs=rngs)
 
 
 class LoraSplit(NamedTuple):
