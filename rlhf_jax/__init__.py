@@ -1,9 +1,9 @@
 """rlhf_jax: RLHF (SFT -> Bradley-Terry reward model -> PPO with a KL penalty) in JAX/Flax."""
 __version__ = "0.1.0"
 
-from rlhf_jax.losses import (best_of_k_loss, bradley_terry_loss, dpo_loss, entropy,
-                             kl_penalty_loss, lm_loss, ppo_policy_loss, ppo_value_loss,
-                             ranking_loss, ranking_pairs, token_entropy, token_logprobs)
+from rlhf_jax.losses import (best_of_k_loss, bradley_terry_loss, dpo_loss, entropy, kl_penalty_loss,
+                             lm_loss, ppo_policy_loss, ppo_value_loss, ranking_loss, ranking_pairs,
+                             token_entropy, token_logprobs)
 from rlhf_jax.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from rlhf_jax.rl import (adaptive_kl_controller, apply_missing_eos_penalty, explained_variance,
                          fixed_kl_controller, gae, grpo_advantages, kl_controller_update,

@@ -268,12 +268,13 @@ def make_ppo(cfg: PPOConfig, lm_def: nnx.GraphDef, value_def: nnx.GraphDef,
     return PPOProgram(rollout=rollout, update=update, iteration=iteration)
 
 
-def make_evaluate(cfg: PPOConfig, lm_def: nnx.GraphDef, reward: RewardScorer,
+def make_evaluate(cfg: PPOConfig, lm_def: nnx.GraphDef, reward: RewardScorer | None,
                   scfg: SamplingConfig) -> Callable:
     """``evaluate(policy, ref, rm, prompts, mask, key) -> dict`` (jitted) of ``[N]`` arrays:
-    ``tokens``/``mask`` of the sampled responses, the reward-model ``score``, and the KL to the
-    reference per response by two estimators, ``kl_k1`` (Σ log π/π_ref, the papers' KL) and
-    ``kl_k3`` (Σ of the non-negative k3 estimate)."""
+    ``tokens``/``mask`` of the sampled responses, the reward-model ``score`` (absent when
+    ``reward`` is None; ``rm`` is then ignored), and the KL to the reference per response by two
+    estimators, ``kl_k1`` (Σ log π/π_ref, the papers' KL) and ``kl_k3`` (Σ of the non-negative k3
+    estimate). Any policy can be evaluated this way (PPO, DPO, best-of-N's base)."""
     resp = response_positions(cfg.query_len, cfg.response_len)
 
     def evaluate(policy_params, ref_params, rm_params, prompt_bt, prompt_mask_bt, key):
@@ -284,7 +285,26 @@ def make_evaluate(cfg: PPOConfig, lm_def: nnx.GraphDef, reward: RewardScorer,
               for p in (policy_params, ref_params)]
         kl = {f"kl_{e}": masked_sum(rl.kl_estimate(lp[0], lp[1], e), out.mask, axis=1)
               for e in ("k1", "k3")}
-        score = reward(rm_params, prompt_bt, prompt_mask_bt, out.tokens, out.mask)
-        return {"tokens": out.tokens, "mask": out.mask, "score": score, **kl}
+        res = {"tokens": out.tokens, "mask": out.mask, **kl}
+        if reward is not None:
+            res["score"] = reward(rm_params, prompt_bt, prompt_mask_bt, out.tokens, out.mask)
+        return res
 
     return jax.jit(evaluate)
+
+
+def init_seed_states(cfg: PPOConfig, policy: nnx.Module, critic: nnx.Module,
+                     tx: optax.GradientTransformation, seeds) -> PPOState:
+    """States of independent runs stacked over a leading seed axis ``S``: the same initial
+    parameters, each run its own base key (``jax.random.key(seed)``). Feed them to
+    :func:`vmap_seeds` of a program."""
+    states = [init_state(dataclasses.replace(cfg, seed=int(s)), policy, critic, tx)
+              for s in seeds]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def vmap_seeds(program: PPOProgram) -> Callable:
+    """``iteration(states, ref_params, rm_params, prompts_sbt, masks_sbt)``: the one-iteration
+    program vmapped over seeds (states and prompts carry a leading ``S`` axis; the reference and
+    reward model are shared). Seed ``s`` computes what the program computes for it alone."""
+    return jax.vmap(program.iteration, in_axes=(0, None, None, 0, 0))

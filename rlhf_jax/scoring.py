@@ -146,3 +146,19 @@ class RewardScorer:
         tokens, mask = concat_prompt_response(prompt_bt, prompt_mask_bt, resp, rmask)
         response_mask = jnp.concatenate([jnp.zeros_like(prompt_mask_bt, bool), rmask], axis=1)
         return self.score_tokens(params, tokens, mask, response_mask)
+
+
+def row_sequence_logprobs(lm_def: nnx.GraphDef, params, tokens_nt: Array, mask_nt: Array,
+                          response_mask_nt: Array) -> Array:
+    """``log π(y | x)`` per row ``[N]`` of formatted ``prompt + response + EOS`` rows ``[N, T]``
+    (the comparison-batch layout): ``Σ_t r_{t+1} log π(tok_{t+1} | tok_≤t)`` where ``r`` is the
+    response mask (response tokens and their EOS). DPO's log-probs of chosen/rejected responses.
+    """
+    check_shapes("row_sequence_logprobs", [("tokens_nt", tokens_nt, "NT"),
+                                           ("mask_nt", mask_nt, "NT"),
+                                           ("response_mask_nt", response_mask_nt, "NT")])
+    model = nnx.merge(lm_def, params)
+    _, hidden, _ = model(tokens_nt, positions_from_mask(mask_nt), mask_nt, compute_logits=False)
+    logits = model.logits(hidden[:, :-1])
+    lp = losses.token_logprobs(logits, tokens_nt[:, 1:])
+    return masked_sum(lp, response_mask_nt[:, 1:].astype(bool), axis=1)

@@ -25,6 +25,21 @@ def mesh8():
     return parallel.make_mesh()
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny pipeline, run once for the whole session (IMDB built into a temporary data dir):
+    ``(pipeline config, pipeline summary)``; the stages' folders are
+    ``pipeline.stage_configs(cfg)[name].workdir``."""
+    import dataclasses
+
+    from experiments import pipeline
+    root = tmp_path_factory.mktemp("tiny_run")
+    cfg = dataclasses.replace(pipeline.PRESETS["tiny"], root=str(root / "run"),
+                              data_dir=str(root / "tfds"))
+    summary = pipeline.train(cfg)
+    return cfg, summary
+
+
 # Identical programs compiled by different tests (e.g. several runs of the same tiny experiment)
 # are read back from a persistent cache instead of being compiled again.
 jax.config.update("jax_compilation_cache_dir",

@@ -180,3 +180,56 @@ def test_token_logprobs_used_by_scoring_is_the_loss_module_one():
     logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25]]]))
     assert float(losses.token_logprobs(logits, jnp.array([[1]]))[0, 0]) == pytest.approx(
         np.log(0.25), abs=1e-6)
+
+
+def test_vmapped_seeds_equal_the_seeds_run_one_at_a_time(models):
+    cfg, prog, _, ref, rm_params, _, _ = _program(models)
+    lm, _, critic = models
+    tx = ppo.make_optimizer(cfg)
+    seeds = (0, 5)
+    prompt, pmask, _, _ = _batch()
+    prompts = np.stack([prompt, prompt[::-1]])
+    masks = np.stack([pmask, pmask[::-1]])
+    states = ppo.init_seed_states(cfg, lm, critic, tx, seeds)
+    step = jax.jit(ppo.vmap_seeds(prog))
+    single = jax.jit(prog.iteration)
+    alone = [ppo.init_state(dataclasses.replace(cfg, seed=s), lm, critic, tx) for s in seeds]
+    for _ in range(2):  # two iterations: the states carry over
+        states, metrics, resp, _ = step(states, ref, rm_params, prompts, masks)
+        for i in range(len(seeds)):
+            alone[i], m_i, r_i, _ = single(alone[i], ref, rm_params, prompts[i], masks[i])
+            np.testing.assert_array_equal(resp[i], r_i)
+            for k in m_i:
+                np.testing.assert_allclose(metrics[k][i], m_i[k], rtol=1e-5, atol=1e-5,
+                                           err_msg=k)
+    for i in range(len(seeds)):
+        for a, b in zip(jax.tree.leaves(alone[i].params),
+                        jax.tree.leaves(jax.tree.map(lambda x: x[i], states.params))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(resp[0], resp[1])  # different seeds draw different samples
+
+
+def test_best_of_n_samples_scores_and_curve(models):
+    from rlhf_jax import best_of_n, stats
+    lm, rm, _ = models
+    lm_def, params = nnx.split(lm)
+    reward = RewardScorer(nnx.graphdef(rm), EOS)
+    prompt, pmask, _, _ = _batch()
+    scfg = ppo.sampling_config(dataclasses.replace(ppo.PPOConfig(), response_len=TR), PAD, None)
+    m = 8
+    tokens, mask, scores = jax.jit(best_of_n.sample_scored, static_argnums=(0, 2, 7, 8))(
+        lm_def, params, reward, nnx.state(rm), prompt, pmask, jax.random.key(0), scfg, m)
+    assert tokens.shape == (B, m, TR) and scores.shape == (B, m)
+    # Each sample's score is what the scorer gives it alone.
+    again = reward(nnx.state(rm), prompt[2:3], pmask[2:3], tokens[2, 5][None], mask[2, 5][None])
+    np.testing.assert_allclose(scores[2, 5], again[0], atol=1e-5)
+    best_t, _ = best_of_n.select_best(tokens, mask, scores)
+    i = np.asarray(jnp.argmax(scores, 1))
+    np.testing.assert_array_equal(best_t, np.asarray(tokens)[np.arange(B), i])
+    gold = np.asarray(scores) * -1.0  # a gold scorer that disagrees with the proxy
+    rows = best_of_n.curve(np.asarray(scores), gold, ns=(1, 2, 8, 16))
+    assert [r["n"] for r in rows] == [1, 2, 8]  # n > M is left out
+    assert rows[0]["kl"] == 0 and rows[0]["proxy"] == pytest.approx(float(scores.mean()))
+    assert rows[2]["proxy"] == pytest.approx(float(scores.max(1).mean()))
+    assert rows[2]["gold"] == pytest.approx(float((-scores.max(1)).mean()))
+    assert rows[1]["kl"] == pytest.approx(stats.best_of_n_kl(2))

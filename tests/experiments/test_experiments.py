@@ -28,16 +28,6 @@ def test_every_preset_parses(module):
         common.parse(module.Config, module.PRESETS, ["--preset", "no-such-preset"])
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """The tiny pipeline, run once for the whole session (IMDB built into a temporary data dir)."""
-    root = tmp_path_factory.mktemp("tiny_run")
-    cfg = dataclasses.replace(pipeline.PRESETS["tiny"], root=str(root / "run"),
-                              data_dir=str(root / "tfds"))
-    summary = pipeline.train(cfg)
-    return cfg, summary
-
-
 def test_tiny_pipeline_writes_every_output(tiny_run):
     cfg, summary = tiny_run
     sft_cfg, collect_cfg, reward_cfg, ppo_cfg = pipeline.stage_configs(cfg).values()
@@ -221,3 +211,42 @@ def test_all_invalid_fields_are_named_in_one_error(tmp_path):
         ppo.train(cfg)
     for part in ("batch_size=-8", "kl_estimator='k7'", "learning_rate=nan"):
         assert part in str(e.value)
+
+
+def test_dpo_raises_the_heldout_accuracy_of_its_implicit_reward(tiny_run, tmp_path):
+    """DPO from the tiny SFT model on comparisons with a learnable preference (responses with
+    'great' beat those with 'awful'); held-out pairs use other prompts and filler words."""
+    from experiments import dpo
+    cfg, _ = tiny_run
+    rng = np.random.default_rng(0)
+    words = ["movie", "plot", "actor", "scene", "story", "music", "ending", "camera", "script"]
+
+    def records(split, n):
+        out = []
+        for i in range(n):
+            a, b = rng.choice(words, 2, replace=False)
+            good, bad = f" a {a} so great, {b} great.", f" a {a} so awful, {b} awful."
+            flip = i % 2
+            out.append({"id": f"{split}-{i}", "prompt": f"Review {split} {i}: the {b}",
+                        "responses": [bad, good] if flip else [good, bad],
+                        "ranks": [1, 0] if flip else [0, 1], "labeler": "rule",
+                        "policies": ["a", "b"]})
+        return out
+
+    comp = tmp_path / "comparisons"
+    comp.mkdir()
+    for split, n in (("train", 64), ("eval", 32)):
+        (comp / f"{split}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records(split, n)))
+    stages = pipeline.stage_configs(cfg)
+    dcfg = dataclasses.replace(dpo.PRESETS["tiny"], workdir=str(tmp_path / "dpo"),
+                               sft_dir=stages["reward"].sft_dir, comparisons_dir=str(comp),
+                               reward_dir=stages["ppo"].reward_dir, gold_path=None,
+                               data_dir=cfg.data_dir, epochs=4, batch_size=16, beta=0.5)
+    summary = dpo.train(dcfg)
+    before, after = summary["heldout_before"], summary["heldout"]
+    assert after["eval/accuracy"] > before["eval/accuracy"] + 0.2, (before, after)
+    assert after["eval/margin"] > before["eval/margin"]
+    assert summary["dpo"]["kl"] > 0 and np.isfinite(summary["dpo"]["rm_score"])
+    assert (tmp_path / "dpo" / "final" / "model.json").exists()
+    assert (tmp_path / "dpo" / "dpo.png").stat().st_size > 0

@@ -1,0 +1,244 @@
+"""The over-optimisation frontier: gold score against KL as the proxy (reward model) is
+optimised, for PPO at several KL targets, best-of-N, and DPO at several β, each over seeds
+(Gao et al. 2022, *Scaling Laws for Reward Model Overoptimization*).
+
+Needs a finished pipeline root (``sft/final``, ``reward/final``, ``collect/``, ``gold.pkl``).
+Every method is evaluated on the same held-out prompts: gold P(positive), reward-model score and
+KL to the SFT policy (k1, nats per response). Best-of-N uses the analytic KL ``log N − (N−1)/N``
+and the unbiased order-statistics estimate over M samples per prompt. Gao et al.'s forms are fitted
+with ``d = √KL`` to the gain over the SFT policy: best-of-N ``R(d) = d(α − β d)``, RL
+``R(d) = d(α − β log d)``; the over-optimisation point is where gold peaks while the proxy keeps
+rising.
+
+Run::
+
+    python -m experiments.frontier --root runs/default --kl-targets 2 5 10 20 --seeds 3
+
+Outputs in ``<root>/frontier``: ``frontier.png``, ``frontier.md`` (table, fits, command),
+``frontier.json``, and one folder per run (``ppo_kl<t>/``, ``dpo_beta<b>_seed<s>/``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+import sys
+
+from flax import nnx
+import jax
+import numpy as np
+
+from experiments import common
+from experiments import dpo as dpo_stage
+from experiments import ppo as ppo_stage
+from experiments import seeds as seeds_stage
+from rlhf_jax import best_of_n, ppo, stats
+from rlhf_jax.data.batching import decode_rows
+from rlhf_jax.labelers import GoldSentimentScorer
+from rlhf_jax.runs import load_bundle, read_summary
+from rlhf_jax.scoring import RewardScorer
+from rlhf_jax.tasks import get_task
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Methods, settings and seeds of the frontier."""
+    root: str = "runs/default"
+    """A finished pipeline: ``sft/final``, ``reward/final``, ``collect/``, ``gold.pkl``."""
+    preset: str = "default"
+    """The stage presets the runs start from (``tiny`` for a smoke run)."""
+    kl_targets: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0)
+    """PPO's adaptive-controller KL targets (nats)."""
+    dpo_betas: tuple[float, ...] = (0.05, 0.1, 0.3)
+    seeds: int = 3
+    bon_prompts: int = 128
+    """Held-out prompts for best-of-N (the first of PPO's evaluation prompts)."""
+    bon_samples: int = 256
+    """M samples per prompt; best-of-n for n = 1, 2, 4, …, ≤ M."""
+    methods: tuple[str, ...] = ("ppo", "bon", "dpo")
+    data_dir: str | None = None
+    iterations: int | None = None
+    """Override PPO's iterations (None: the preset's)."""
+
+
+PRESETS = {"default": Config(),
+           "tiny": Config(root="runs/tiny", preset="tiny", kl_targets=(1.0, 4.0),
+                          dpo_betas=(0.1,), seeds=2, bon_prompts=8, bon_samples=16)}
+
+
+def ppo_points(cfg: Config, out: Path) -> tuple[list[dict], dict]:
+    r = Path(cfg.root)
+    rows = []
+    for t in cfg.kl_targets:
+        scfg = dataclasses.replace(
+            seeds_stage.PRESETS[cfg.preset], workdir=str(out / f"ppo_kl{t:g}"), kl_target=t,
+            seeds=cfg.seeds, sft_dir=str(r / "sft/final"), reward_dir=str(r / "reward/final"),
+            gold_path=str(r / "gold.pkl"), data_dir=cfg.data_dir,
+            **({"iterations": cfg.iterations} if cfg.iterations else {}))
+        s = read_summary(scfg.workdir) or seeds_stage.train(scfg)
+        rows += [{"method": "PPO", "setting": f"KL target {t:g}", "seed": seed, **p}
+                 for seed, p in zip(s["seeds"], s["per_seed"])]
+        sft = s["sft"]
+    return rows, sft
+
+
+def dpo_points(cfg: Config, out: Path) -> list[dict]:
+    r = Path(cfg.root)
+    rows = []
+    for b in cfg.dpo_betas:
+        for seed in range(cfg.seeds):
+            dcfg = dataclasses.replace(
+                dpo_stage.PRESETS[cfg.preset], workdir=str(out / f"dpo_beta{b:g}_seed{seed}"),
+                beta=b, seed=seed, sft_dir=str(r / "sft/final"),
+                comparisons_dir=str(r / "collect"), reward_dir=str(r / "reward/final"),
+                gold_path=str(r / "gold.pkl"), data_dir=cfg.data_dir)
+            s = read_summary(dcfg.workdir) or dpo_stage.train(dcfg)
+            rows.append({"method": "DPO", "setting": f"β {b:g}", "seed": seed, **s["dpo"]})
+    return rows
+
+
+def bon_points(cfg: Config) -> list[dict]:
+    """Best-of-n rows for n = 1, 2, 4, … from M samples per prompt of the SFT policy."""
+    r = Path(cfg.root)
+    pcfg = ppo_stage.PRESETS[cfg.preset]
+    policy, _, tok, _ = load_bundle(r / "sft/final", kind="lm", compute_dtype=pcfg.compute_dtype)
+    rm, _, _, meta = load_bundle(r / "reward/final", kind="scalar",
+                                 compute_dtype=pcfg.compute_dtype)
+    reward = RewardScorer(nnx.graphdef(rm), tok.eos_id, meta.get("pool", "last"))
+    gold = GoldSentimentScorer.load(r / "gold.pkl")
+    tokens, mask, _ = get_task(pcfg.task, cfg.data_dir).prompt_set(
+        "eval", tok, pcfg.query_len, cfg.bon_prompts)
+    lm_def, params = nnx.split(policy)
+    scfg = ppo.sampling_config(pcfg, tok.pad_id, None)
+    sample = jax.jit(best_of_n.sample_scored, static_argnums=(0, 2, 7, 8))
+    proxy, gold_scores = [], []
+    for i in range(len(tokens)):  # one prompt at a time: M samples of it in one batch
+        t, m, s = jax.device_get(sample(lm_def, params, reward, nnx.state(rm), tokens[i:i + 1],
+                                        mask[i:i + 1], jax.random.key(i), scfg,
+                                        cfg.bon_samples))
+        proxy.append(s[0])
+        gold_scores.append(gold.prob(decode_rows(tok, t[0], m[0])))
+    rows = best_of_n.curve(np.array(proxy), np.array(gold_scores),
+                           ns=[2 ** k for k in range(9)])
+    return [{"method": "best-of-N", "setting": f"N={x['n']}", "seed": None, "kl": x["kl"],
+             "gold": x["gold"], "rm_score": x["proxy"]} for x in rows]
+
+
+def train(cfg: Config, argv: list[str] | None = None) -> dict:
+    out = Path(cfg.root) / "frontier"
+    out.mkdir(parents=True, exist_ok=True)
+    rows, sft = [], None
+    if "ppo" in cfg.methods:
+        ppo_rows, sft = ppo_points(cfg, out)
+        rows += ppo_rows
+    if "bon" in cfg.methods:
+        rows += bon_points(cfg)
+    if "dpo" in cfg.methods:
+        rows += dpo_points(cfg, out)
+    g0 = sft["gold"] if sft else next(x["gold"] for x in rows if x["setting"] == "N=1")
+    r0 = sft["rm_score"] if sft else next(x["rm_score"] for x in rows if x["setting"] == "N=1")
+    fits = fit_forms(rows, g0, r0)
+    result = {"rows": rows, "sft": {"gold": g0, "rm_score": r0}, "fits": fits,
+              "table": table(rows), "command": command(argv)}
+    (out / "frontier.json").write_text(json.dumps(result, indent=2, default=float))
+    plot(rows, fits, g0, r0, out / "frontier.png")
+    (out / "frontier.md").write_text(markdown(result))
+    print((out / "frontier.md").read_text())
+    return result
+
+
+def fit_forms(rows, g0, r0) -> dict:
+    """Gao et al.'s forms fitted to the gain over SFT, with ``d = √KL``; over-optimisation
+    points."""
+    fits = {}
+    for method, form, fit, peak in (("best-of-N", "bon", stats.fit_bon, stats.peak_bon),
+                                    ("PPO", "rl", stats.fit_rl, stats.peak_rl)):
+        pts = [x for x in rows if x["method"] == method and x["kl"] > 0]
+        if len(pts) < 2:
+            continue
+        d = np.sqrt([x["kl"] for x in pts])
+        for key, base in (("gold", g0), ("rm_score", r0)):
+            a, b = fit(d, np.array([x[key] for x in pts]) - base)
+            fits[f"{method}/{key}"] = {"form": form, "alpha": a, "beta": b,
+                                       "peak_sqrt_kl": peak(a, b)}
+        kl = [x["kl"] for x in pts]
+        fits[f"{method}/overoptimization_kl"] = stats.overoptimization_point(
+            kl, [x["gold"] for x in pts], [x["rm_score"] for x in pts])
+    return fits
+
+
+def table(rows) -> list[dict]:
+    """One row per method and setting: mean ± 95% CI over seeds of KL, gold and RM score."""
+    out = []
+    for key in dict.fromkeys((x["method"], x["setting"]) for x in rows):
+        runs = [x for x in rows if (x["method"], x["setting"]) == key]
+        s = stats.summarize_seeds([{k: x[k] for k in ("kl", "gold", "rm_score")} for x in runs])
+        out.append({"method": key[0], "setting": key[1], "n": len(runs), **s})
+    return out
+
+
+def _fmt(s) -> str:
+    if s["n"] == 1 or not np.isfinite(s["half_width"]):
+        return f"{s['mean']:.3f}"
+    return f"{s['mean']:.3f} ± {s['half_width']:.3f}"
+
+
+def markdown(result) -> str:
+    lines = ["# Over-optimisation frontier", "", f"Command: `{result['command']}`", "",
+             f"SFT policy: gold {result['sft']['gold']:.3f}, RM score "
+             f"{result['sft']['rm_score']:.2f}. Mean ± 95% CI over seeds (n runs).", "",
+             "| method | setting | n | KL (nats) | gold P(positive) | RM score |",
+             "|---|---|---|---|---|---|"]
+    for t in result["table"]:
+        lines.append(f"| {t['method']} | {t['setting']} | {t['n']} | {_fmt(t['kl'])} | "
+                     f"{_fmt(t['gold'])} | {_fmt(t['rm_score'])} |")
+    lines += ["", "Fits (gain over SFT, d = √KL): best-of-N d(α − βd), RL d(α − β log d)", "",
+              "| curve | α | β | d at the peak |", "|---|---|---|---|"]
+    for k, f in result["fits"].items():
+        if isinstance(f, dict):
+            lines.append(f"| {k} | {f['alpha']:.4f} | {f['beta']:.4f} | "
+                         f"{f['peak_sqrt_kl']:.2f} |")
+    for k, f in result["fits"].items():
+        if not isinstance(f, dict):
+            lines.append(f"\n{k.split('/')[0]} over-optimisation point (gold peaks, RM still "
+                         f"rising): {'none in range' if f is None else f'KL {f:.2f} nats'}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, fits, g0, r0, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    colors = {"PPO": "C0", "best-of-N": "C1", "DPO": "C2"}
+    for ax, key, base, label in ((axes[0], "gold", g0, "gold P(positive)"),
+                                 (axes[1], "rm_score", r0, "reward-model score")):
+        for method, c in colors.items():
+            pts = [x for x in rows if x["method"] == method]
+            if not pts:
+                continue
+            d = np.sqrt(np.maximum([x["kl"] for x in pts], 0))
+            ax.scatter(d, [x[key] for x in pts], color=c, s=14, label=method, alpha=0.8)
+            f = fits.get(f"{method}/{key}")
+            if f:
+                grid = np.linspace(1e-3, d.max() * 1.1, 100)
+                form = stats.gao_bon if f["form"] == "bon" else stats.gao_rl
+                ax.plot(grid, base + form(grid, f["alpha"], f["beta"]), color=c, lw=1)
+        ax.axhline(base, color="gray", lw=0.6, ls=":")
+        ax.set_xlabel("√KL(π ‖ π_SFT)  (√nats)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Gold vs proxy as the reward model is optimised")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def command(argv) -> str:
+    return "python -m experiments.frontier " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    train(common.parse(Config, PRESETS))
