@@ -99,3 +99,18 @@ def test_jsonl_task_errors_name_the_file_line_and_field(tmp_path):
 
 def test_imdb_task_is_the_default():
     assert isinstance(get_task(), ImdbTask) and get_task().prompt_keep == "first"
+
+
+def test_weights_and_biases_logs_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is installed by the test extras")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    loop = TrainLoop("toy", tmp_path, 3, checkpoint_every=3, wandb=True, config={"lr": 0.1})
+    loop.restore({"w": jnp.zeros(2)})
+    for step in loop.steps():
+        loop.log(step, {"toy/x": float(step)})
+        loop.end_step(step, {"w": jnp.ones(2) * step})
+    loop.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "expected one offline run (no account, no network)"
+    assert list(runs[0].glob("*.wandb")), "the run's event file holds the logged rows"

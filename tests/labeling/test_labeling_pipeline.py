@@ -1,34 +1,30 @@
-"""The whole human path, unattended (slow): tiny SFT -> collect export -> serve -> two simulated
-labelers over HTTP -> export -> collect import -> the reward stage trains on it."""
+"""The whole human path, unattended: the tiny pipeline's SFT models -> collect export -> serve ->
+two simulated labelers over HTTP -> export -> collect import -> the reward stage trains on it."""
 import dataclasses
 import json
 import threading
 
 from labeling_helpers import ProcessServer
-import pytest
 
 from rlhf_jax.data import comparisons
 from rlhf_jax.labeling.__main__ import main
 from rlhf_jax.labeling.client import GoldLookup, LabelingClient, simulate
 
 
-@pytest.mark.slow
-def test_collect_export_serve_simulate_export_import_reward(tmp_path):
-    from experiments import collect, reward, sft
+def test_collect_export_serve_simulate_export_import_reward(tiny_run, tmp_path):
+    from experiments import collect, pipeline, reward
 
-    data_dir = str(tmp_path / "tfds")
-    sft.train(dataclasses.replace(sft.PRESETS["tiny"], workdir=str(tmp_path / "sft"),
-                                  data_dir=data_dir))
-    base = dataclasses.replace(
-        collect.PRESETS["tiny"], workdir=str(tmp_path / "collect"), data_dir=data_dir,
-        policies=(str(tmp_path / "sft" / "final"), str(tmp_path / "sft" / "half")),
-        gold_path=str(tmp_path / "gold.pkl"), train_prompts=8, eval_prompts=4)
+    cfg, _ = tiny_run  # the session's tiny pipeline: its SFT models, gold scorer and IMDB build
+    stages = pipeline.stage_configs(cfg)
+    sft_final = stages["reward"].sft_dir
+    base = dataclasses.replace(stages["collect"], workdir=str(tmp_path / "collect"),
+                               train_prompts=8, eval_prompts=4)
     assert collect.train(dataclasses.replace(base, labeler="export"))["stopped_at"] == \
         "waiting for rankings"
 
     srv = ProcessServer([tmp_path / "collect", "--labels-per-item", "2"],
                         log_path=tmp_path / "server.log").start()
-    gold = GoldLookup.from_scorer(tmp_path / "gold.pkl")
+    gold = GoldLookup.from_scorer(base.gold_path)
     results, errors = {}, []
 
     def run(name, seed):
@@ -58,7 +54,7 @@ def test_collect_export_serve_simulate_export_import_reward(tmp_path):
     assert summary["train_comparisons"] == 16 and summary["eval_comparisons"] == 8
     out = reward.train(dataclasses.replace(reward.PRESETS["tiny"],
                                            workdir=str(tmp_path / "reward"),
-                                           sft_dir=str(tmp_path / "sft" / "final"),
+                                           sft_dir=sft_final,
                                            comparisons_dir=str(tmp_path / "collect")))
     assert (tmp_path / "reward" / "final").is_dir()
     rows = [json.loads(x) for x in open(tmp_path / "reward" / "metrics.jsonl")]
