@@ -164,9 +164,22 @@ class LoraAdapter(nnx.Module):
         return [(name, lo, hi, getattr(self, name)) for name, lo, hi in self.spans]
 
     def __call__(self, x: jax.Array, y: jax.Array, dtype) -> jax.Array:
-        """``y [..., width, *rest]`` plus the update computed from ``x [..., *in]``."""
-        pieces = [(lo, hi, pair(x, dtype)) for _, lo, hi, pair in self.pairs()]
-        return y + _fill(pieces, self.width, y.ndim - (self.pairs()[0][3].b.ndim - 1))
+        """``y [..., width, *rest]`` plus the update computed from ``x [..., *in]``.
+
+        Several targets (q, k, v) run as two matmuls, not two each: ``x · [A_q | A_k | A_v]``
+        (``[..., 3r]``) times the block matrix whose row block ``t`` holds ``B_t`` at its heads
+        and zeros elsewhere (``[3r, width, *rest]``). The zero blocks add exact zeros; the
+        matmuls stay small next to ``x · W``.
+        """
+        pairs = self.pairs()
+        if len(pairs) == 1:
+            return y + _fill([(lo, hi, pair(x, dtype)) for _, lo, hi, pair in pairs],
+                             self.width, y.ndim - (pairs[0][3].b.ndim - 1))
+        a = jnp.concatenate([pair.a[...] for *_, pair in pairs], axis=-1)  # [*in, T·r]
+        b = jnp.concatenate([_fill([(lo, hi, pair.b[...])], self.width, 1)
+                             for _, lo, hi, pair in pairs], axis=0)  # [T·r, width, *rest]
+        n_in, scale = pairs[0][3].n_in, pairs[0][3].scale
+        return y + scale * _dense(_dense(x, a, dtype, n_in), b, dtype)
 
     def delta(self) -> jax.Array:
         """The update of ``W`` as one ``[*in, *out]`` f32 array (zero on uncovered heads)."""
