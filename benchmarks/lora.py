@@ -52,9 +52,19 @@ CASES = {
 }
 
 
+def _nbytes(tree) -> int:
+    """Bytes of a pytree of arrays or ``ShapeDtypeStruct`` (a threefry key: 8 bytes)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        n = int(np.prod(x.shape))
+        key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        total += n * (8 if key else np.dtype(x.dtype).itemsize)
+    return total
+
+
 def _setup(name: str, side: str, rank: int):
-    """``(iteration, state, args, trainable, opt_state)`` of one side, jitted with the state
-    donated; ``args`` are the other arguments of the iteration."""
+    """``(program, state, args, pcfg)`` of one side; ``args`` are the iteration's other
+    arguments (reference or base, reward model, prompts, prompt mask)."""
     c, mcfg = CASES[name], PRESETS[MODELS[name]]
     vocab = mcfg.vocab_size
     pcfg = dataclasses.replace(
@@ -87,14 +97,25 @@ def _setup(name: str, side: str, rank: int):
                                          s.reward, tx, scfg)
         state = lora_ppo.init_state(pcfg, s.policy_lora, head, tx)
         args = (s.base, s.rm_params, prompts, pmask)
-    return jax.jit(program.iteration, donate_argnums=(0,)), state, args, pcfg
+    return program, state, args, pcfg
+
+
+def state_bytes(state, args) -> dict[str, int]:
+    """Trained parameters, optimizer state, and everything the iteration receives but the
+    prompts."""
+    return {"trainable_bytes": _nbytes(state.params), "opt_state_bytes": _nbytes(state.opt_state),
+            "held_bytes": _nbytes((state, *args[:2]))}
+
+
+def abstract_bytes(name: str, side: str, rank: int) -> dict[str, int]:
+    """:func:`state_bytes` from shapes alone (``jax.eval_shape``: nothing is computed)."""
+    return state_bytes(*jax.eval_shape(lambda: _setup(name, side, rank)[1:3]))
 
 
 def run_side(name: str, side: str, rank: int, warmup: int, iters: int) -> dict:
-    iteration, state, args, pcfg = _setup(name, side, rank)
-    trainable = lora.tree_bytes(state.params)
-    opt_bytes = lora.tree_bytes(state.opt_state)
-    held = lora.tree_bytes((state, *args[:2]))
+    program, state, args, pcfg = _setup(name, side, rank)
+    iteration = jax.jit(program.iteration, donate_argnums=(0,))
+    sizes = state_bytes(state, args)
     box = {"state": state}
     del state
 
@@ -114,8 +135,7 @@ def run_side(name: str, side: str, rank: int, warmup: int, iters: int) -> dict:
              "trained; base held once (reference = adapters off; reward model = base + its own "
              "adapters + head)")
     rec = common.record("lora", name, side, timing, unit="s/iter", dtype="float32",
-                        config=config, trainable_bytes=trainable, opt_state_bytes=opt_bytes,
-                        held_bytes=held, notes=notes)
+                        config=config, notes=notes, **sizes)
     gc.collect()
     return rec
 
@@ -148,8 +168,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default 5; 3 for "
                    "smollm2; 2 with QUICK=1)")
+    p.add_argument("--bytes-only", action="store_true",
+                   help="print the bytes of each side from shapes alone (no run, no compile)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    if a.bytes_only:
+        for case in a.cases:
+            for side in a.sides:
+                print(case, side, {k: f"{v / 2**20:.2f} MiB"
+                                   for k, v in abstract_bytes(case, side, a.rank).items()})
+        return
 
     def iters(case: str) -> int:
         return a.iters or (2 if common.quick() else 3 if case == "smollm2" else 5)
