@@ -16,14 +16,12 @@ graph and outputs are bit-identical to before. Adapter leaves are :class:`LoraPa
 ``nnx.Param`` subclass, so ``nnx.split(model, LoraParam, ...)`` separates the adapters from the
 frozen base, and the base state keeps exactly the plain model's tree structure.
 
-(For docs/architecture.md:)
-    LoRA (``models/lora.py``): ``apply_lora(model, LoraConfig(r, alpha))`` attaches a pair of
-    ``LoraParam`` leaves (A random, B = 0: the model starts exactly at the base) to the attention
-    (q/k/v heads of the fused qkv, out) and MLP (up, gate, down) projections. The adapters,
-    the frozen base and any head are separate states (:func:`split`); the base merged with the
-    base graph (:func:`base_graphdef`) is the model with adapters off, without a second copy.
-    ``merge_lora`` folds them into the kernels for HF export; adapter checkpoints name the base by
-    path and sha256 (:func:`save_adapters` / :func:`load_adapters`).
+In short: ``apply_lora(model, LoraConfig(r, alpha))`` attaches ``LoraParam`` pairs (A random,
+B = 0: the model starts exactly at the base) to the attention (q/k/v heads of the fused qkv, out)
+and MLP (up, gate, down) projections. Adapters, frozen base and any head are separate states
+(:func:`split`); the base state merged with the base graph (:func:`base_graphdef`) is the model
+with adapters off, without a second copy. :func:`merge_lora` folds the adapters into the kernels
+(HF export); adapter checkpoints name their base by path and sha256 (:func:`save_adapters`).
 
 Targets are named after the Transformer's projections (both families fuse q, k and v into one
 ``qkv`` kernel): ``"qkv"`` (one pair over the whole fused projection, like PEFT on GPT-2's
