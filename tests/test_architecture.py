@@ -25,8 +25,8 @@ LAYERS = [
     {"rlhf_jax.generation", "rlhf_jax.scoring", "rlhf_jax.runs", "rlhf_jax.loop"},
     # 4: algorithms and tasks
     {"rlhf_jax.ppo", "rlhf_jax.dpo", "rlhf_jax.best_of_n", "rlhf_jax.tasks"},
-    # 5: algorithm variants built on those (PPO with LoRA adapters)
-    {"rlhf_jax.lora_ppo"},
+    # 5: algorithm variants built on those (PPO with LoRA adapters; RLOO/GRPO on PPO's pieces)
+    {"rlhf_jax.lora_ppo", "rlhf_jax.grpo"},
     # 6: applications
     {"rlhf_jax.chat", "rlhf_jax.labeling", "rlhf_jax"},
 ]

@@ -233,3 +233,34 @@ def test_best_of_n_samples_scores_and_curve(models):
     assert rows[2]["proxy"] == pytest.approx(float(scores.max(1).mean()))
     assert rows[2]["gold"] == pytest.approx(float((-scores.max(1)).mean()))
     assert rows[1]["kl"] == pytest.approx(stats.best_of_n_kl(2))
+
+
+@pytest.mark.parametrize("advantage,kl_in", [("rloo", "reward"), ("grpo", "loss")])
+def test_one_rloo_grpo_iteration_is_one_program_and_trains(models, advantage, kl_in):
+    from rlhf_jax import grpo
+    lm, rm, _ = models
+    k = 4
+    cfg = grpo.GRPOConfig(batch_size=2, query_len=TQ, response_len=TR, num_samples=k,
+                          ppo_epochs=2, num_minibatches=2, iterations=4, advantage=advantage,
+                          kl_in=kl_in, temperature=2.0)
+    lm_def, ref = nnx.split(lm)
+    tx = grpo.make_optimizer(cfg)
+    prog = grpo.make_grpo(cfg, lm_def, RewardScorer(nnx.graphdef(rm), EOS), tx,
+                          ppo.sampling_config(cfg, PAD, None))
+    state = grpo.init_state(cfg, lm, tx)
+    prompt, pmask, _, _ = _batch()
+    step = jax.jit(prog.iteration)
+    assert "while" in step.lower(state, jax.tree.map(jnp.copy, ref), nnx.state(rm), prompt[:2],
+                                 pmask[:2]).as_text()
+    batch, _, out = jax.jit(prog.rollout)(state, ref, nnx.state(rm), prompt[:2], pmask[:2],
+                                          jax.random.key(0))
+    assert out.tokens.shape == (2 * k, TR)
+    adv = np.asarray(batch["adv"])[:, 0].reshape(2, k)  # the sequence advantage, per group
+    np.testing.assert_allclose(adv.sum(1), 0, atol=1e-4)  # both baselines centre each group
+    new, metrics, _, _ = step(state, jax.tree.map(jnp.copy, ref), nnx.state(rm), prompt[:2],
+                              pmask[:2])
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    moved = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
+                                             state.params["policy"], new.params["policy"])))
+    assert moved > 0 and int(new.iteration) == 1
+    assert ("kl/loss" in metrics) == (kl_in == "loss")
