@@ -135,7 +135,6 @@ def sample_responses(cfg: Config, prompt_tokens, prompt_mask, mesh, tokenizer) -
 def train(cfg: Config) -> dict:
     common.check(cfg, cfg.errors())
     workdir = check_output_dir("collect", cfg.workdir)
-    (workdir / "summary.json").unlink(missing_ok=True)  # written again last: the finished marker
     mesh = parallel.make_mesh()
     task = get_task(cfg.task, cfg.data_dir)
     _, _, tok, _ = load_bundle(cfg.policies[0], kind="lm")
@@ -162,6 +161,7 @@ def train(cfg: Config) -> dict:
         guard_outputs("collect", workdir, fingerprint(
             cfg, exclude=("policies", "gold_path", "rankings_file", "data_dir"), data=inputs),
             [workdir / "train.jsonl", workdir / "eval.jsonl"])
+    (workdir / "summary.json").unlink(missing_ok=True)  # written again last: the finished marker
     for split, n in (("train", cfg.train_prompts), ("eval", cfg.eval_prompts)):
         out_path = workdir / f"{split}.jsonl"
         if out_path.exists():  # written by this run before it was stopped (guard_outputs)
