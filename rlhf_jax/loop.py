@@ -329,8 +329,11 @@ class TrainLoop:
                 print(f"[{self.stage}] {self.workdir} held the outputs of a run finished at "
                       f"{self.unit} {self.start}; this run goes on to {self.total} and rewrites "
                       "final outputs and summary.json")
+        # Rows after the resumed step were written by a killed run and come again; without a
+        # checkpoint every row does (e.g. PPO's step-0 evaluation).
+        keep = self.start if self.last_saved is not None else -1
         self.writer = MetricsWriter(self.workdir, total_steps=self.total, initial_step=self.start,
-                                    desc=self.stage, show=self.show, keep_until=self.start,
+                                    desc=self.stage, show=self.show, keep_until=keep,
                                     wandb=self.wandb, config=self.config)
         return state
 

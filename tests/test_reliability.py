@@ -92,6 +92,14 @@ def test_a_run_extends_but_never_shortens(tmp_path):
         TrainLoop("toy", tmp_path / "ext", 4, checkpoint_every=2)
 
 
+def test_rows_of_a_run_killed_before_its_first_checkpoint_are_dropped(tmp_path):
+    """E.g. PPO's step-0 evaluation row: logged, then the run was killed before checkpoint 2; the
+    re-run starts from scratch and logs it again, once."""
+    tmp_path.joinpath("metrics.jsonl").write_text('{"step": 0, "eval/x": 1.0}\n{"step": 1}\n')
+    _toy(tmp_path, 4)
+    assert [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("damage", ["truncated state", "no metadata", "empty folder"])
 def test_a_half_written_checkpoint_falls_back_to_the_last_complete_one(tmp_path, damage, capsys):
     _, full = _toy(tmp_path / "full", 8)
