@@ -14,6 +14,7 @@ scoring, advantages, ``ppo_epochs`` × ``num_minibatches`` updates — is one co
 from __future__ import annotations
 
 import dataclasses
+
 import flax
 from flax import nnx
 import jax
