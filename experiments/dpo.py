@@ -26,10 +26,11 @@ import numpy as np
 
 from experiments import common
 from rlhf_jax import dpo, parallel, ppo
+from rlhf_jax.checkpoint import files_digest, tree_digest
 from rlhf_jax.data.batching import decode_rows
-from rlhf_jax.loop import StatefulBatches, TrainLoop
+from rlhf_jax.loop import check_output_dir, fingerprint, StatefulBatches, TrainLoop
 from rlhf_jax.metrics import plot_curves, read_metrics
-from rlhf_jax.runs import load_bundle, load_params_into, save_bundle, write_summary
+from rlhf_jax.runs import load_bundle, load_params_into, params_of, save_bundle, write_summary
 from rlhf_jax.scoring import RewardScorer
 from rlhf_jax.tasks import get_task
 
@@ -113,10 +114,15 @@ def train(cfg: Config) -> dict:
     from rlhf_jax.data import batching, comparisons
 
     common.check(cfg, cfg.errors())
-    workdir = Path(cfg.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = check_output_dir("dpo", cfg.workdir)
     mesh = parallel.make_mesh()
     policy, mcfg, tok, _ = load_bundle(cfg.sft_dir, kind="lm", compute_dtype=cfg.compute_dtype)
+    # The run's identity: the config (not the epochs or paths) + the comparisons + the SFT weights.
+    files = [f for fs in comparisons.split_files(cfg.comparisons_dir).values() for f in fs]
+    fp = fingerprint(cfg, exclude=("epochs", "sft_dir", "comparisons_dir", "reward_dir",
+                                   "gold_path"),
+                     data={"comparisons": files_digest(files),
+                           "sft": tree_digest(params_of(policy))})
     _, sources = comparisons.build_comparisons(cfg.comparisons_dir, str(workdir / "tfds"))
     comparisons.require_untied_pairs(sources["train"], f"{cfg.comparisons_dir}/train")
     loader = StatefulBatches(pair_batches(sources["train"], tok, cfg, shuffle=True, epochs=None))
@@ -130,7 +136,7 @@ def train(cfg: Config) -> dict:
 
     loop = TrainLoop("dpo", workdir, steps, checkpoint_every=cfg.checkpoint_every,
                      log_every=cfg.log_every, show=("dpo/loss", "dpo/accuracy"),
-                     wandb=cfg.wandb, config=cfg)
+                     wandb=cfg.wandb, config=cfg, fingerprint=fp)
     params, opt_state = loop.restore((params, opt_state), data=loader)
     before = heldout_pairs(evaluate, params, ref_params, sources["eval"], tok, cfg) \
         if loop.start == 0 and "eval" in sources else None
@@ -139,6 +145,7 @@ def train(cfg: Config) -> dict:
         batch = parallel.shard_batch({k: x[k] for k in ("tokens", "mask", "response_mask",
                                                         "valid")}, mesh)
         params, opt_state, metrics = train_step(params, opt_state, ref_params, batch)
+        loop.check_finite(step, jax.device_get(metrics), ("dpo/loss", "dpo/grad_norm"))
         loop.log(step, metrics)
         loop.end_step(step, (params, opt_state), data=loader)
     loop.close()

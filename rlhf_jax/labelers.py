@@ -61,9 +61,16 @@ class GoldSentimentScorer:
         return float(np.mean((self.score(texts) > 0) == (np.asarray(labels) == 1)))
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
+        """Writes the pickle atomically (a temporary sibling renamed into place): a run killed
+        while saving never leaves a truncated scorer behind."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
             pickle.dump(self._pipeline, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "GoldSentimentScorer":
