@@ -2,8 +2,10 @@
 program vmapped over it (:func:`rlhf_jax.ppo.vmap_seeds`), so N small runs share one compiled
 program. Reports each seed's held-out figures and their mean with a 95% confidence interval.
 
-Seed ``s`` is the run ``experiments.ppo`` makes with ``--seed s`` (its sampling and minibatch
-keys, its own shuffle of the training prompts); the SFT and reward models are shared.
+Seed ``s`` computes what ``experiments.ppo --seed s`` computes (its sampling and minibatch keys,
+its own shuffle of the training prompts) up to floating-point order: batched matmuls round
+differently, and over many PPO iterations the outcomes can drift apart like any two runs whose
+arithmetic differs. The SFT and reward models are shared.
 
 Run::
 
