@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 PRESET ?= default
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow test-all bench lint format setup setup-test clean
+.PHONY: demo demo-chat test test-slow test-all bench lint format setup setup-test clean
 
 $(VENV)/.core: pyproject.toml requirements/assets.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ setup-test: $(VENV)/.test
 ## The main job: the end-to-end RLHF pipeline (SFT -> comparisons -> reward model -> PPO) on IMDB.
 demo: $(VENV)/.core
 	$(PY) -m experiments.pipeline --preset $(PRESET)
+
+## The LoRA chat pipeline on SmolLM2-135M-Instruct (SFT -> comparisons -> reward model -> PPO, all
+## LoRA); resumable: re-run to continue. PRESET=tiny runs a tiny random Llama in seconds.
+demo-chat: $(VENV)/.core
+	$(PY) -m experiments.chat --preset $(PRESET)
 
 ## The default test suite (< 15 min on 2 cores); slow tests are excluded.
 test: $(VENV)/.test
