@@ -86,10 +86,11 @@ PRESETS: dict[str, Config] = {
 }
 
 
-def make_steps(graphdef, tx, loss: str, pool: str = "last", eos_id: int = 0):
+def make_steps(graphdef, tx, loss: str, pool: str = "last", eos_id: int = 0, mesh=None):
     """``(train_step, score_fn)`` for ``tokens/mask/response_mask [B, K, T]`` + ``ranks/valid
     [B, K]`` batches; scores come from :class:`rlhf_jax.scoring.RewardScorer`, the definition
-    PPO and evaluation use too."""
+    PPO and evaluation use too. With a ``mesh``, parameters and optimizer state keep the
+    partition rules' shardings."""
     scorer = RewardScorer(graphdef, eos_id, pool)
 
     def scores(params, tokens_bkt, mask_bkt, response_mask_bkt):
@@ -108,7 +109,7 @@ def make_steps(graphdef, tx, loss: str, pool: str = "last", eos_id: int = 0):
         (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         m["rm/grad_norm"] = optax.tree.norm(grads)
-        return optax.apply_updates(params, updates), opt_state, m
+        return parallel.constrain((optax.apply_updates(params, updates), opt_state), mesh) + (m,)
 
     return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(scores)
 

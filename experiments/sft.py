@@ -95,8 +95,9 @@ PRESETS: dict[str, Config] = {
 }
 
 
-def make_train_step(graphdef, tx):
-    """One jitted SFT step over a ``{"tokens", "mask", "loss_mask"}`` batch of ``[B, T]`` arrays."""
+def make_train_step(graphdef, tx, mesh=None):
+    """One jitted SFT step over a ``{"tokens", "mask", "loss_mask"}`` batch of ``[B, T]`` arrays;
+    with a ``mesh``, parameters and optimizer state keep the partition rules' shardings."""
 
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, params)
@@ -110,7 +111,8 @@ def make_train_step(graphdef, tx):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         metrics["lm/grad_norm"] = optax.tree.norm(grads)
-        return optax.apply_updates(params, updates), opt_state, metrics
+        return parallel.constrain((optax.apply_updates(params, updates), opt_state), mesh) + (
+            metrics,)
 
     return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_step)
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import losses, rl
+from rlhf_jax import losses, parallel, rl
 from rlhf_jax.generation import sample_split, SamplingConfig
 from rlhf_jax.masked import masked_mean, masked_sum, masked_whiten
 from rlhf_jax.models.transformer import positions_from_mask
@@ -155,7 +155,7 @@ def sampling_config(cfg: PPOConfig, pad_id: int, eos_id: int | None) -> Sampling
 
 def make_ppo(cfg: PPOConfig, lm_def: nnx.GraphDef, value_def: nnx.GraphDef,
              reward: RewardScorer, tx: optax.GradientTransformation,
-             scfg: SamplingConfig) -> PPOProgram:
+             scfg: SamplingConfig, mesh: jax.sharding.Mesh | None = None) -> PPOProgram:
     """Builds the PPO program for these models and hyper-parameters.
 
     Args:
@@ -166,6 +166,9 @@ def make_ppo(cfg: PPOConfig, lm_def: nnx.GraphDef, value_def: nnx.GraphDef,
       reward: the reward model's graph, EOS and pooling.
       tx: the optimizer (:func:`make_optimizer`).
       scfg: the rollout sampler (:func:`sampling_config`).
+      mesh: the device mesh the state is sharded over (:func:`rlhf_jax.parallel.shard`); every
+        update keeps parameters and optimizer state on the partition rules' shardings (None:
+        leave the shardings to XLA).
 
     Raises:
       ValueError: invalid hyper-parameters, or ``missing_eos_penalty`` without a stop token.
@@ -241,7 +244,9 @@ def make_ppo(cfg: PPOConfig, lm_def: nnx.GraphDef, value_def: nnx.GraphDef,
         (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
         updates, opt_state = tx.update(grads, opt_state, params)
         m["ppo/grad_norm"] = optax.tree.norm(grads)
-        return (optax.apply_updates(params, updates), opt_state, batch), m
+        params, opt_state = parallel.constrain((optax.apply_updates(params, updates), opt_state),
+                                               mesh)
+        return (params, opt_state, batch), m
 
     def epoch_step(carry, key):
         perm = jax.random.permutation(key, b).reshape(n_mb, b // n_mb)
@@ -259,6 +264,7 @@ def make_ppo(cfg: PPOConfig, lm_def: nnx.GraphDef, value_def: nnx.GraphDef,
         batch, metrics, out = rollout(state, ref_params, rm_params, prompt_bt, prompt_mask_bt,
                                       k_sample)
         params, opt_state, um = update(state.params, state.opt_state, batch, k_epochs)
+        params, opt_state = parallel.constrain((params, opt_state), mesh)
         metrics.update(um)
         kl_ctl = rl.kl_controller_update(state.kl_ctl, metrics["objective/kl"], b)
         new_state = PPOState(params=params, opt_state=opt_state, kl_ctl=kl_ctl, key=state.key,
