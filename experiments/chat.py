@@ -74,7 +74,7 @@ class SftConfig:
     steps: int = 60
     batch_size: int = 8
     seq_len: int = 96
-    """Tokens of prompt + response + EOS (longer responses are cut; a cut one has no EOS)."""
+    """Tokens of prompt + response + EOS; longer demonstrations are skipped."""
     max_train_texts: int | None = 4000
     """Demonstrations: N training reviews spread over the split (None: all ~20k)."""
     learning_rate: float = 3e-4
@@ -200,7 +200,7 @@ PRESETS: dict[str, Config] = {
     "default": Config(),
     "tiny": Config(
         root="runs/chat-tiny", base="tiny-llama", vocab_size=512, lora_rank=4, lora_alpha=8.0,
-        sft=SftConfig(steps=6, batch_size=8, seq_len=96, max_train_texts=400, eval_batches=1,
+        sft=SftConfig(steps=6, batch_size=8, seq_len=128, max_train_texts=400, eval_batches=1,
                       checkpoint_every=3, log_every=2, learning_rate=3e-3),
         collect=CollectConfig(train_prompts=16, eval_prompts=8, gold_train_texts=2000,
                               batch_size=16),
@@ -266,10 +266,12 @@ def _optimizer(lr: float, warmup: int, steps: int, clip: float, weight_decay: fl
 def sft_batches(task, tokenizer, split: str, seq_len: int, batch_size: int, seed: int,
                 limit: int | None = None, shuffle: bool = True):
     """Demonstration batches (``tokens``, ``mask``, ``loss_mask`` ``[B, T]``): the prompt is
-    context, ``loss_mask`` covers the response and its EOS only."""
+    context, ``loss_mask`` covers the response and its EOS only. Examples longer than
+    ``seq_len`` and empty responses are skipped (and counted), never cut: a cut would drop the
+    start of the prompt or the response's EOS."""
     from rlhf_jax.data import batching
     return batching.sft_batches(
-        task.sft_source(split, limit), tokenizer, max_len=seq_len, overlong="truncate",
+        task.sft_source(split, limit), tokenizer, max_len=seq_len, overlong="skip",
         cfg=batching.LoaderConfig(batch_size, seed=seed, shuffle=shuffle, num_epochs=None),
         name=f"chat-sft-{split}")
 

@@ -12,8 +12,10 @@ its first ``opening_words`` words. The prompt is a conversation in SmolLM2's cha
     <|im_start|>assistant
     I rented this movie because
 
-and the response is the rest of the review (SFT target; the loss covers the response tokens and
-the ``<|im_end|>`` that closes the turn, never the prompt). Gold: the IMDB sentiment scorer of
+and the response is the rest of the review, cut after its last whole sentence within
+``response_words`` words (a short review that ends where a sentence ends; a review with no
+sentence end in reach gives no demonstration). SFT target: the response tokens and the
+``<|im_end|>`` that closes the turn, never the prompt. Gold: the IMDB sentiment scorer of
 :class:`ImdbTask`, applied to the response only, as in the IMDB task.
 
 The template is rendered here (:func:`chat_prompt`), so the task needs no tokenizer; it is the
@@ -66,6 +68,17 @@ def split_review(text: str, opening_words: int) -> tuple[str, str]:
     return opening, (" " + rest if rest else "")
 
 
+def short_response(rest: str, max_words: int) -> str:
+    """``rest`` cut after its last sentence end (``.``, ``!``, ``?``, optionally followed by a
+    quote or bracket) within ``max_words`` words; all of it if it is that short; ``""`` when no
+    sentence ends in reach."""
+    words = rest.split()
+    if len(words) <= max_words:
+        return rest
+    ends = [i for i, w in enumerate(words[:max_words]) if re.search(r"[.!?][\"')]*$", w)]
+    return " " + " ".join(words[:ends[-1] + 1]) if ends else ""
+
+
 class _Mapped(Sequence):
     """A random-access view of ``source`` with ``fn`` applied to each decoded example."""
 
@@ -89,15 +102,19 @@ class ChatImdbTask(ImdbTask):
     name = "chat-imdb"
     prompt_keep = "last"
 
-    def __init__(self, data_dir: str | None = None, opening_words: int = 6):
+    def __init__(self, data_dir: str | None = None, opening_words: int = 6,
+                 response_words: int = 24):
         super().__init__(data_dir)
-        if not isinstance(opening_words, int) or opening_words < 1:
-            raise ValueError(f"opening_words={opening_words!r}: expected a positive integer")
-        self.opening_words = opening_words
+        for name, v in (("opening_words", opening_words), ("response_words", response_words)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r}: expected a positive integer")
+        self.opening_words, self.response_words = opening_words, response_words
 
     def record(self, review: str) -> dict:
-        """``{"prompt", "response", "text"}`` of one review."""
+        """``{"prompt", "response", "text"}`` of one review (``response`` may be empty: see the
+        module docstring)."""
         opening, rest = split_review(review, self.opening_words)
+        rest = short_response(rest, self.response_words)
         prompt = chat_prompt(opening)
         return {"prompt": prompt, "response": rest, "text": prompt + rest}
 
