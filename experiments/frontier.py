@@ -1,21 +1,24 @@
 """The over-optimisation frontier: gold score against KL as the proxy (reward model) is
-optimised, for PPO at several KL targets, best-of-N, and DPO at several β, each over seeds
-(Gao et al. 2022, *Scaling Laws for Reward Model Overoptimization*).
+optimised, for PPO and the critic-free GRPO/RLOO at several KL targets, best-of-N, and DPO at
+several β, each over seeds (Gao et al. 2022, *Scaling Laws for Reward Model Overoptimization*).
 
 Needs a finished pipeline root (``sft/final``, ``reward/final``, ``collect/``, ``gold.pkl``).
 Every method is evaluated on the same held-out prompts: gold P(positive), reward-model score and
 KL to the SFT policy (k1, nats per response). Best-of-N uses the analytic KL ``log N − (N−1)/N``
 and the unbiased order-statistics estimate over M samples per prompt. Gao et al.'s forms are fitted
 with ``d = √KL`` to the gain over the SFT policy: best-of-N ``R(d) = d(α − β d)``, RL
-``R(d) = d(α − β log d)``; the over-optimisation point is where gold peaks while the proxy keeps
-rising.
+``R(d) = d(α − β log d)`` (PPO, GRPO, RLOO); the over-optimisation point is where gold peaks while
+the proxy keeps rising.
 
 Run::
 
-    python -m experiments.frontier --root runs/default --kl-targets 2 5 10 20 --seeds 3
+    python -m experiments.frontier --root runs/default --kl-targets 2 5 10 20 --seeds 3 \
+        --methods ppo bon dpo grpo
 
 Outputs in ``<root>/frontier``: ``frontier.png``, ``frontier.md`` (table, fits, command),
-``frontier.json``, and one folder per run (``ppo_kl<t>/``, ``dpo_beta<b>_seed<s>/``).
+``frontier.json``, ``bon.json`` (the best-of-N curve, reused when its settings match) and one
+folder per run (``ppo_kl<t>/``, ``grpo_kl<t>/``, ``rloo_kl<t>/``, ``dpo_beta<b>_seed<s>/``); a
+finished run's summary is reused, so adding a method or a setting re-runs only what is new.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import numpy as np
 
 from experiments import common
 from experiments import dpo as dpo_stage
+from experiments import grpo as grpo_stage
 from experiments import ppo as ppo_stage
 from experiments import seeds as seeds_stage
 from rlhf_jax import best_of_n, ppo, stats
@@ -49,20 +53,26 @@ class Config:
     """The stage presets the runs start from (``tiny`` for a smoke run)."""
     kl_targets: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0)
     """PPO's adaptive-controller KL targets (nats)."""
+    critic_free_kl_targets: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0)
+    """GRPO's and RLOO's KL targets (nats)."""
     dpo_betas: tuple[float, ...] = (0.05, 0.1, 0.3)
     seeds: int = 3
     bon_prompts: int = 128
     """Held-out prompts for best-of-N (the first of PPO's evaluation prompts)."""
     bon_samples: int = 256
     """M samples per prompt; best-of-n for n = 1, 2, 4, …, ≤ M."""
-    methods: tuple[str, ...] = ("ppo", "bon", "dpo")
+    methods: tuple[str, ...] = ("ppo", "bon", "dpo", "grpo")
+    """Any of ``ppo``, ``bon``, ``dpo``, ``grpo`` (KL as a k3 loss), ``rloo`` (KL in the
+    reward)."""
     data_dir: str | None = None
     iterations: int | None = None
     """Override PPO's iterations (None: the preset's)."""
 
 
+METHODS = ("ppo", "bon", "dpo", "grpo", "rloo")
 PRESETS = {"default": Config(),
            "tiny": Config(root="runs/tiny", preset="tiny", kl_targets=(1.0, 4.0),
+                          critic_free_kl_targets=(1.0, 4.0),
                           dpo_betas=(0.1,), seeds=2, bon_prompts=8, bon_samples=16)}
 
 
@@ -97,9 +107,33 @@ def dpo_points(cfg: Config, out: Path) -> list[dict]:
     return rows
 
 
-def bon_points(cfg: Config) -> list[dict]:
-    """Best-of-n rows for n = 1, 2, 4, … from M samples per prompt of the SFT policy."""
+def critic_free_points(cfg: Config, out: Path, advantage: str) -> list[dict]:
+    """GRPO (KL as a k3 loss) or RLOO (KL in the reward) at each KL target, seeds vmapped."""
     r = Path(cfg.root)
+    rows = []
+    for t in cfg.critic_free_kl_targets:
+        gcfg = dataclasses.replace(
+            grpo_stage.PRESETS[cfg.preset], workdir=str(out / f"{advantage}_kl{t:g}"),
+            advantage=advantage, kl_in="reward" if advantage == "rloo" else "loss",
+            kl_target=t, seeds=cfg.seeds, sft_dir=str(r / "sft/final"),
+            reward_dir=str(r / "reward/final"), gold_path=str(r / "gold.pkl"),
+            data_dir=cfg.data_dir, **({"iterations": cfg.iterations} if cfg.iterations else {}))
+        s = read_summary(gcfg.workdir) or grpo_stage.train(gcfg)
+        rows += [{"method": advantage.upper(), "setting": f"KL target {t:g}", "seed": seed, **p}
+                 for seed, p in zip(s["seeds"], s["per_seed"])]
+    return rows
+
+
+def bon_points(cfg: Config, out: Path) -> list[dict]:
+    """Best-of-n rows for n = 1, 2, 4, … from M samples per prompt of the SFT policy (cached in
+    ``bon.json`` with the settings that made it)."""
+    r = Path(cfg.root)
+    settings = {"prompts": cfg.bon_prompts, "samples": cfg.bon_samples, "preset": cfg.preset}
+    cache = out / "bon.json"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("settings") == settings:
+            return saved["rows"]
     pcfg = ppo_stage.PRESETS[cfg.preset]
     policy, _, tok, _ = load_bundle(r / "sft/final", kind="lm", compute_dtype=pcfg.compute_dtype)
     rm, _, _, meta = load_bundle(r / "reward/final", kind="scalar",
@@ -118,13 +152,18 @@ def bon_points(cfg: Config) -> list[dict]:
                                         cfg.bon_samples))
         proxy.append(s[0])
         gold_scores.append(gold.prob(decode_rows(tok, t[0], m[0])))
-    rows = best_of_n.curve(np.array(proxy), np.array(gold_scores),
-                           ns=[2 ** k for k in range(9)])
-    return [{"method": "best-of-N", "setting": f"N={x['n']}", "seed": None, "kl": x["kl"],
-             "gold": x["gold"], "rm_score": x["proxy"]} for x in rows]
+    curve = best_of_n.curve(np.array(proxy), np.array(gold_scores),
+                            ns=[2 ** k for k in range(9) if 2 ** k <= cfg.bon_samples])
+    rows = [{"method": "best-of-N", "setting": f"N={x['n']}", "seed": None, "kl": x["kl"],
+             "gold": x["gold"], "rm_score": x["proxy"]} for x in curve]
+    write_json(cache, {"settings": settings, "rows": rows})
+    return rows
 
 
 def train(cfg: Config, argv: list[str] | None = None) -> dict:
+    bad = [m for m in cfg.methods if m not in METHODS]
+    common.check(cfg, [f"methods={cfg.methods!r}: {m!r} is not one of {METHODS}" for m in bad]
+                 + common.positive(cfg, "seeds", "bon_prompts", "bon_samples"))
     out = Path(cfg.root) / "frontier"
     out.mkdir(parents=True, exist_ok=True)
     rows, sft = [], None
@@ -132,15 +171,18 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict:
         ppo_rows, sft = ppo_points(cfg, out)
         rows += ppo_rows
     if "bon" in cfg.methods:
-        rows += bon_points(cfg)
+        rows += bon_points(cfg, out)
     if "dpo" in cfg.methods:
         rows += dpo_points(cfg, out)
+    for advantage in ("grpo", "rloo"):
+        if advantage in cfg.methods:
+            rows += critic_free_points(cfg, out, advantage)
     g0 = sft["gold"] if sft else next(x["gold"] for x in rows if x["setting"] == "N=1")
     r0 = sft["rm_score"] if sft else next(x["rm_score"] for x in rows if x["setting"] == "N=1")
     fits = fit_forms(rows, g0, r0)
     result = {"rows": rows, "sft": {"gold": g0, "rm_score": r0}, "fits": fits,
               "table": table(rows), "command": command(argv)}
-    (out / "frontier.json").write_text(json.dumps(result, indent=2, default=float))
+    write_json(out / "frontier.json", result)
     plot(rows, fits, g0, r0, out / "frontier.png")
     (out / "frontier.md").write_text(markdown(result))
     print((out / "frontier.md").read_text())
@@ -151,8 +193,9 @@ def fit_forms(rows, g0, r0) -> dict:
     """Gao et al.'s forms fitted to the gain over SFT, with ``d = √KL``; over-optimisation
     points."""
     fits = {}
-    for method, form, fit, peak in (("best-of-N", "bon", stats.fit_bon, stats.peak_bon),
-                                    ("PPO", "rl", stats.fit_rl, stats.peak_rl)):
+    forms = [("best-of-N", "bon", stats.fit_bon, stats.peak_bon)] + [
+        (m, "rl", stats.fit_rl, stats.peak_rl) for m in ("PPO", "GRPO", "RLOO")]
+    for method, form, fit, peak in forms:
         pts = [x for x in rows if x["method"] == method and x["kl"] > 0]
         if len(pts) < 2:
             continue
@@ -211,7 +254,7 @@ def plot(rows, fits, g0, r0, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    colors = {"PPO": "C0", "best-of-N": "C1", "DPO": "C2"}
+    colors = {"PPO": "C0", "best-of-N": "C1", "DPO": "C2", "GRPO": "C3", "RLOO": "C4"}
     for ax, key, base, label in ((axes[0], "gold", g0, "gold P(positive)"),
                                  (axes[1], "rm_score", r0, "reward-model score")):
         for method, c in colors.items():
@@ -234,6 +277,12 @@ def plot(rows, fits, g0, r0, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.replace(path)
 
 
 def command(argv) -> str:

@@ -29,9 +29,9 @@ from experiments import common
 from experiments import ppo as ppo_stage
 from rlhf_jax import parallel, ppo, stats
 from rlhf_jax.data.batching import decode_rows
-from rlhf_jax.loop import StatefulBatches, TrainLoop
+from rlhf_jax.loop import check_output_dir, StatefulBatches, TrainLoop
 from rlhf_jax.metrics import plot_curves, read_metrics
-from rlhf_jax.runs import write_summary
+from rlhf_jax.runs import load_params_into, save_bundle, write_samples, write_summary
 from rlhf_jax.tasks import get_task
 
 PER_SEED = ("objective/kl", "objective/scores", "objective/gold")
@@ -50,17 +50,30 @@ PRESETS: dict[str, Config] = {
 
 
 def train(cfg: Config) -> dict:
+    """Runs (or resumes) ``cfg.seeds`` PPO seeds at once; returns the summary."""
+    return run(cfg, "ppo-seeds", build_ppo)
+
+
+def build_ppo(cfg: Config, policy, critic, reward, scfg, seeds):
+    """The PPO program and its states stacked over ``seeds``."""
+    tx = ppo.make_optimizer(cfg)
+    program = ppo.make_ppo(cfg, nnx.graphdef(policy), nnx.graphdef(critic), reward, tx, scfg)
+    return program, ppo.init_seed_states(cfg, policy, critic, tx, seeds)
+
+
+def run(cfg: Config, stage: str, build) -> dict:
+    """The seed loop of any one-iteration program with PPO's signature (PPO, RLOO/GRPO).
+
+    ``build(cfg, policy, critic, reward, sampling_config, seeds) -> (program, stacked
+    states)``. The policy of the first seed is saved as ``final/`` with ``samples.md``."""
     common.check(cfg, cfg.errors() + common.positive(cfg, "seeds"))
-    workdir = Path(cfg.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = check_output_dir(stage, cfg.workdir)
     mesh = parallel.make_mesh(cfg.num_devices)
     policy, rm, critic, mcfg, tok, reward = ppo_stage.load_models(cfg)
     lm_def, ref_params = nnx.split(policy)
     scfg = ppo.sampling_config(cfg, tok.pad_id, ppo_stage.stop_id(cfg, tok))
-    tx = ppo.make_optimizer(cfg)
-    program = ppo.make_ppo(cfg, lm_def, nnx.graphdef(critic), reward, tx, scfg)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    states = ppo.init_seed_states(cfg, policy, critic, tx, seeds)
+    program, states = build(cfg, policy, critic, reward, scfg, seeds)
     ref_params = parallel.replicate(jax.tree.map(jnp.copy, ref_params), mesh)
     rm_params = parallel.replicate(nnx.state(rm), mesh)
     states = parallel.replicate(states, mesh)
@@ -83,8 +96,10 @@ def train(cfg: Config) -> dict:
     def run_eval(policy_params, s):
         ev = jax.device_get(evaluate(policy_params, ref_params, rm_params, eval_tokens, eval_mask,
                                      jax.random.key(s + 1)))
-        return {"gold": gold_of(ev["tokens"], ev["mask"]), "rm_score": float(np.mean(ev["score"])),
-                "kl": float(np.mean(ev["kl_k1"])), "kl_k3": float(np.mean(ev["kl_k3"]))}
+        figures = {"gold": gold_of(ev["tokens"], ev["mask"]),
+                   "rm_score": float(np.mean(ev["score"])), "kl": float(np.mean(ev["kl_k1"])),
+                   "kl_k3": float(np.mean(ev["kl_k3"]))}
+        return figures, ev["tokens"], ev["mask"]
 
     class Streams:  # the loop checkpoints every seed's prompt position together
         def get_state(self):
@@ -94,7 +109,7 @@ def train(cfg: Config) -> dict:
             for s, x in zip(streams, st):
                 s.set_state(x)
 
-    loop = TrainLoop("ppo-seeds", workdir, cfg.iterations, checkpoint_every=cfg.checkpoint_every,
+    loop = TrainLoop(stage, workdir, cfg.iterations, checkpoint_every=cfg.checkpoint_every,
                      stop_after=cfg.stop_after, config=cfg,
                      show=("objective/scores", "objective/gold", "objective/kl"))
     states = loop.restore(states, data=Streams())
@@ -117,22 +132,32 @@ def train(cfg: Config) -> dict:
         loop.end_step(it, states, data=Streams())
     loop.close()
     if not loop.finished:
-        return {"stage": "ppo-seeds", "stopped_at": loop.last}
+        return {"stage": stage, "stopped_at": loop.last}
 
-    sft = run_eval(ref_params, cfg.seed)
-    per_seed = [run_eval(jax.tree.map(lambda x: x[i], states.params["policy"]), s)
-                for i, s in enumerate(seeds)]
-    summary = {"stage": "ppo-seeds", "seeds": seeds, "sft": sft, "per_seed": per_seed,
+    sft, sft_tokens, sft_mask = run_eval(ref_params, cfg.seed)
+    evals = [run_eval(jax.tree.map(lambda x: x[i], states.params["policy"]), s)
+             for i, s in enumerate(seeds)]
+    per_seed = [e[0] for e in evals]
+    summary = {"stage": stage, "seeds": seeds, "sft": sft, "per_seed": per_seed,
                "ppo": stats.summarize_seeds(per_seed), "config": dataclasses.asdict(cfg)}
+    load_params_into(policy, nnx.to_pure_dict(
+        jax.device_get(jax.tree.map(lambda x: x[0], states.params["policy"]))))
+    save_bundle(workdir / "final", policy, mcfg, tok, kind="lm",
+                extra={"stage": stage, "seed": seeds[0]})
+    n = 12
+    write_samples(workdir / "samples.md", f"SFT vs {stage} (seed {seeds[0]}) responses to the "
+                  "same held-out prompts", decode_rows(tok, eval_tokens[:n], eval_mask[:n]),
+                  {"SFT": decode_rows(tok, sft_tokens[:n], sft_mask[:n]),
+                   stage: decode_rows(tok, evals[0][1][:n], evals[0][2][:n])}, gold)
     rows = read_metrics(workdir / "metrics.jsonl")
     plot_curves(rows, [(f"gold P(positive), {len(seeds)} seeds",
                         [f"seed{i}/objective/gold" for i in range(len(seeds))]),
                        ("KL to SFT (nats)", [f"seed{i}/objective/kl" for i in range(len(seeds))])],
-                workdir / "seeds.png", title=f"PPO over {len(seeds)} seeds (vmapped)")
+                workdir / "seeds.png", title=f"{stage} over {len(seeds)} seeds (vmapped)")
     write_summary(workdir, summary)
     g = summary["ppo"].get("gold")
     if g:
-        print(f"[ppo-seeds] held-out gold P(positive) {g['mean']:.3f} ± {g['half_width']:.3f} "
+        print(f"[{stage}] held-out gold P(positive) {g['mean']:.3f} ± {g['half_width']:.3f} "
               f"(95% CI, {len(seeds)} seeds: {[round(v, 3) for v in g['values']]})")
     return summary
 

@@ -45,7 +45,11 @@ class GRPOConfig(PPOConfig):
     """``loss`` (GRPO: β·k3 term) or ``reward`` (RLOO: score − β·KL per sequence)."""
 
     def grpo_errors(self) -> list[str]:
-        errs = self.ppo_errors()
+        return self.ppo_errors() + self.group_errors()
+
+    def group_errors(self) -> list[str]:
+        """The group settings' errors (``grpo_errors`` adds PPO's)."""
+        errs = []
         if self.num_samples < 2:
             errs.append(f"num_samples={self.num_samples}: expected at least 2 per prompt")
         if self.advantage not in ADVANTAGES:
@@ -77,6 +81,13 @@ def init_state(cfg: GRPOConfig, policy: nnx.Module, tx) -> GRPOState:
               if cfg.adaptive_kl else rl.fixed_kl_controller(cfg.kl_coef))
     return GRPOState(params=params, opt_state=tx.init(params), kl_ctl=kl_ctl,
                      key=jax.random.key(cfg.seed), iteration=jnp.zeros((), jnp.int32))
+
+
+def init_seed_states(cfg: GRPOConfig, policy: nnx.Module, tx, seeds) -> GRPOState:
+    """States of independent runs stacked over a leading seed axis, as
+    :func:`rlhf_jax.ppo.init_seed_states`; feed them to :func:`rlhf_jax.ppo.vmap_seeds`."""
+    states = [init_state(dataclasses.replace(cfg, seed=int(s)), policy, tx) for s in seeds]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
 def make_grpo(cfg: GRPOConfig, lm_def: nnx.GraphDef, reward: RewardScorer,

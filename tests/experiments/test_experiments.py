@@ -7,14 +7,15 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import collect, common, pipeline, ppo, reward, sft
+from experiments import collect, common, grpo, pipeline, ppo, reward, seeds, sft
 from rlhf_jax import parallel
 from rlhf_jax import ppo as ppo_lib
 from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.metrics import read_metrics
 from rlhf_jax.runs import load_bundle, params_of
 from rlhf_jax.tasks import get_task
 
-MODULES = (sft, collect, reward, ppo, pipeline)
+MODULES = (sft, collect, reward, ppo, seeds, grpo, pipeline)
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__.split(".")[-1])
@@ -192,6 +193,10 @@ INVALID = [
     (ppo, dict(missing_eos_penalty=-1.0, stop_token=None), "needs --stop-token"),
     (ppo, dict(temperature=0.0), "temperature=0.0"),
     (ppo, dict(eval_prompts=0), "eval_prompts=0"),
+    (seeds, dict(seeds=0), "seeds=0"),
+    (grpo, dict(num_samples=1), "num_samples=1"),
+    (grpo, dict(advantage="ppo"), "advantage='ppo'"),
+    (grpo, dict(kl_in="both"), "kl_in='both'"),
 ]
 
 
@@ -250,3 +255,31 @@ def test_dpo_raises_the_heldout_accuracy_of_its_implicit_reward(tiny_run, tmp_pa
     assert summary["dpo"]["kl"] > 0 and np.isfinite(summary["dpo"]["rm_score"])
     assert (tmp_path / "dpo" / "final" / "model.json").exists()
     assert (tmp_path / "dpo" / "dpo.png").stat().st_size > 0
+
+
+def test_grpo_stage_runs_vmapped_seeds_and_saves_the_first(tiny_run, tmp_path):
+    """The critic-free stage over 2 vmapped seeds (the seed runner PPO's seeds use too): each seed
+    is evaluated on held-out prompts, the seeds differ, the first seed's policy is the final
+    bundle. Whether RLOO/GRPO learns is shown on the default task (``experiments.frontier``)."""
+    cfg, _ = tiny_run
+    pcfg = pipeline.stage_configs(cfg)["ppo"]
+    gcfg = dataclasses.replace(
+        grpo.PRESETS["tiny"], workdir=str(tmp_path / "grpo"), sft_dir=pcfg.sft_dir,
+        reward_dir=pcfg.reward_dir, gold_path=pcfg.gold_path, data_dir=cfg.data_dir, seeds=2,
+        iterations=3, learning_rate=2e-3, advantage="rloo", kl_in="reward")
+    summary = grpo.train(gcfg)
+    a, b = summary["per_seed"]
+    assert summary["seeds"] == [0, 1] and a != b
+    for p in (a, b):
+        assert p["kl"] != 0 and 0 < p["gold"] < 1 and np.isfinite(p["rm_score"])
+    assert summary["sft"]["kl"] == 0
+    assert summary["ppo"]["rm_score"]["n"] == 2
+    rows = read_metrics(tmp_path / "grpo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert "seed1/objective/kl" in rows[-1] and "grpo/group_score_std" in rows[-1]
+    policy, *_ = load_bundle(tmp_path / "grpo" / "final", kind="lm")
+    sft_model, *_ = load_bundle(pcfg.sft_dir, kind="lm")
+    moved = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()),
+                                         nnx.state(policy), nnx.state(sft_model)))
+    assert max(moved) > 0
+    assert "| rloo response |" in (tmp_path / "grpo" / "samples.md").read_text()
