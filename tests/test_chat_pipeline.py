@@ -151,12 +151,22 @@ def test_lora_sft_step_trains_the_adapters_only(tok):
 # The tiny pipeline end to end (slow: about eight small programs compile per run).
 
 
-def _adapters(folder: Path) -> tuple[dict, list[np.ndarray]]:
-    from rlhf_jax.checkpoint import Checkpointer
-    meta = json.loads((folder / "adapter.json").read_text())
-    with Checkpointer(folder / "params", max_to_keep=1) as ckpt:
-        tree, _ = ckpt.restore(None)
-    return meta, [np.asarray(x) for x in jax.tree.leaves(tree)]
+def _adapters(cfg) -> dict:
+    """``{stage: (adapter.json, adapter leaves)}`` of a finished run, each loaded back onto the
+    base its folder names (SFT: the pretrained base; reward and PPO: the merged SFT model)."""
+    root = Path(cfg.root)
+    base = chat.load_base(cfg, get_task(cfg.task, cfg.data_dir))
+    sft = chat.sft_model(cfg, base)
+    models = {"sft": lora.base_model(base.model), "reward": chat.reward_model(cfg, sft),
+              "ppo": lora.base_model(sft)}
+    out = {}
+    for stage, model in models.items():
+        folder = root / stage / "adapters"
+        lora.load_adapters(folder, model)  # refuses a model on another base
+        out[stage] = (lora.read_adapter_meta(folder),
+                      [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, lora.LoraParam))])
+    out["base_hash"] = base.hash
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +174,8 @@ def chat_runs(tiny_run, tmp_path_factory):
     """The tiny chat pipeline uninterrupted, and the same run stopped twice and resumed."""
     root = tmp_path_factory.mktemp("chat")
     cfg = dataclasses.replace(chat.PRESETS["tiny"], root=str(root / "whole"),
-                              data_dir=tiny_run[0].data_dir)
+                              data_dir=tiny_run[0].data_dir,
+                              gold_path=str(Path(tiny_run[0].root) / "gold.pkl"))
     whole = chat.train(cfg)
     parts = dataclasses.replace(cfg, root=str(root / "resumed"))
     stopped = [chat.train(dataclasses.replace(parts, sft=dataclasses.replace(
@@ -188,12 +199,12 @@ def test_tiny_chat_pipeline_runs_end_to_end(chat_runs):
     assert len(s["collect_mean_gold_by_policy"]) == 4  # SFT and base at two temperatures
     # Adapters name their base; only adapters were trained: the base the SFT adapters name is a
     # fresh tiny Llama of the same seed, and the later stages name the SFT model (merged).
-    sft_meta, sft_leaves = _adapters(root / "sft" / "adapters")
-    task = get_task(cfg.task, cfg.data_dir)
-    assert sft_meta["base_hash"] == chat.load_base(cfg, task).hash
+    loaded = _adapters(cfg)
+    (sft_meta, sft_leaves), (rm_meta, _), (ppo_meta, ppo_leaves) = (
+        loaded[k] for k in ("sft", "reward", "ppo"))
+    assert sft_meta["base_hash"] == loaded["base_hash"]
     assert max(np.abs(x).max() for x in sft_leaves) > 0
-    rm_meta, _ = _adapters(root / "reward" / "adapters")
-    ppo_meta, ppo_leaves = _adapters(root / "ppo" / "adapters")
+    assert max(np.abs(x).max() for x in ppo_leaves) > 0
     assert rm_meta["base_hash"] == ppo_meta["base_hash"] != sft_meta["base_hash"]
     assert rm_meta["model"] == "ScalarModel" and ppo_meta["model"] == "Transformer"
     held = json.loads((root / "ppo" / "summary.json").read_text())["held_bytes"]
@@ -215,9 +226,9 @@ def test_stopped_and_resumed_chat_pipeline_equals_uninterrupted(chat_runs):
     assert stopped[0] == {"stage": "sft", "stopped_at": cfg.sft.steps // 2}
     assert stopped[1] == {"stage": "ppo", "stopped_at": cfg.ppo.iterations // 2}
     a, b = Path(cfg.root), Path(parts.root)
+    loaded_a, loaded_b = _adapters(cfg), _adapters(parts)
     for stage in ("sft", "reward", "ppo"):
-        (meta_a, leaves_a), (meta_b, leaves_b) = (_adapters(r / stage / "adapters")
-                                                  for r in (a, b))
+        (meta_a, leaves_a), (meta_b, leaves_b) = loaded_a[stage], loaded_b[stage]
         assert meta_a["base_hash"] == meta_b["base_hash"]
         for x, y in zip(leaves_a, leaves_b):
             np.testing.assert_array_equal(x, y, err_msg=stage)
