@@ -1,6 +1,6 @@
 """The over-optimisation frontier: gold score against KL as the proxy (reward model) is
-optimised, for PPO and the critic-free GRPO/RLOO at several KL targets, best-of-N, and DPO at
-several β, each over seeds (Gao et al. 2022, *Scaling Laws for Reward Model Overoptimization*).
+optimised, for PPO at several KL targets, the critic-free GRPO/RLOO and DPO at several β, and
+best-of-N, each over seeds (Gao et al. 2022, *Scaling Laws for Reward Model Overoptimization*).
 
 Needs a finished pipeline root (``sft/final``, ``reward/final``, ``collect/``, ``gold.pkl``).
 Every method is evaluated on the same held-out prompts: gold P(positive), reward-model score and
@@ -16,8 +16,8 @@ Run::
         --methods ppo bon dpo grpo
 
 Outputs in ``<root>/frontier``: ``frontier.png``, ``frontier.md`` (table, fits, command),
-``frontier.json``, ``bon.json`` (the best-of-N curve, reused when its settings match) and one
-folder per run (``ppo_kl<t>/``, ``grpo_kl<t>/``, ``rloo_kl<t>/``, ``dpo_beta<b>_seed<s>/``); a
+``frontier.json``, ``bon_seed<s>.json`` (best-of-N curves, reused when their settings match) and one
+folder per run (``ppo_kl<t>/``, ``grpo_beta<b>/``, ``rloo_beta<b>/``, ``dpo_beta<b>_seed<s>/``); a
 finished run's summary is reused, so adding a method or a setting re-runs only what is new.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ import sys
 from flax import nnx
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from experiments import common
 from experiments import dpo as dpo_stage
@@ -53,8 +54,9 @@ class Config:
     """The stage presets the runs start from (``tiny`` for a smoke run)."""
     kl_targets: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0)
     """PPO's adaptive-controller KL targets (nats)."""
-    critic_free_kl_targets: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0)
-    """GRPO's and RLOO's KL targets (nats)."""
+    critic_free_betas: tuple[float, ...] = (0.03, 0.3, 1.0)
+    """GRPO's and RLOO's fixed KL coefficients β. (An adaptive controller on GRPO's k3 loss term
+    does not hold its target: at target 2 nats the KL rose to ~19 and ended at ~12.)"""
     dpo_betas: tuple[float, ...] = (0.05, 0.1, 0.3)
     seeds: int = 3
     bon_prompts: int = 128
@@ -72,7 +74,7 @@ class Config:
 METHODS = ("ppo", "bon", "dpo", "grpo", "rloo")
 PRESETS = {"default": Config(),
            "tiny": Config(root="runs/tiny", preset="tiny", kl_targets=(1.0, 4.0),
-                          critic_free_kl_targets=(1.0, 4.0),
+                          critic_free_betas=(0.1, 1.0),
                           dpo_betas=(0.1,), seeds=2, bon_prompts=8, bon_samples=16)}
 
 
@@ -108,32 +110,50 @@ def dpo_points(cfg: Config, out: Path) -> list[dict]:
 
 
 def critic_free_points(cfg: Config, out: Path, advantage: str) -> list[dict]:
-    """GRPO (KL as a k3 loss) or RLOO (KL in the reward) at each KL target, seeds vmapped."""
+    """GRPO (KL as a k3 loss) or RLOO (KL in the reward) at each fixed β, seeds vmapped."""
     r = Path(cfg.root)
     rows = []
-    for t in cfg.critic_free_kl_targets:
+    for b in cfg.critic_free_betas:
         gcfg = dataclasses.replace(
-            grpo_stage.PRESETS[cfg.preset], workdir=str(out / f"{advantage}_kl{t:g}"),
+            grpo_stage.PRESETS[cfg.preset], workdir=str(out / f"{advantage}_beta{b:g}"),
             advantage=advantage, kl_in="reward" if advantage == "rloo" else "loss",
-            kl_target=t, seeds=cfg.seeds, sft_dir=str(r / "sft/final"),
+            adaptive_kl=False, kl_coef=b, seeds=cfg.seeds, sft_dir=str(r / "sft/final"),
             reward_dir=str(r / "reward/final"), gold_path=str(r / "gold.pkl"),
             data_dir=cfg.data_dir, **({"iterations": cfg.iterations} if cfg.iterations else {}))
         s = read_summary(gcfg.workdir) or grpo_stage.train(gcfg)
-        rows += [{"method": advantage.upper(), "setting": f"KL target {t:g}", "seed": seed, **p}
+        rows += [{"method": advantage.upper(), "setting": f"β {b:g}", "seed": seed, **p}
                  for seed, p in zip(s["seeds"], s["per_seed"])]
     return rows
 
 
 def bon_points(cfg: Config, out: Path) -> list[dict]:
-    """Best-of-n rows for n = 1, 2, 4, … from M samples per prompt of the SFT policy (cached in
-    ``bon.json`` with the settings that made it)."""
-    r = Path(cfg.root)
+    """Best-of-n rows for n = 1, 2, 4, … ≤ M, per seed: M fresh samples per prompt of the SFT
+    policy for each seed (each seed's curve is cached in ``bon_seed<s>.json`` with the settings
+    that made it)."""
     settings = {"prompts": cfg.bon_prompts, "samples": cfg.bon_samples, "preset": cfg.preset}
-    cache = out / "bon.json"
-    if cache.exists():
-        saved = json.loads(cache.read_text())
+    rows, todo = [], []
+    for seed in range(cfg.seeds):
+        cache = out / f"bon_seed{seed}.json"
+        saved = json.loads(cache.read_text()) if cache.exists() else {}
         if saved.get("settings") == settings:
-            return saved["rows"]
+            rows += saved["rows"]
+        else:
+            todo.append(seed)
+    if todo:
+        sample_curve = _bon_sampler(cfg)
+        for seed in todo:
+            curve = sample_curve(seed)
+            seed_rows = [{"method": "best-of-N", "setting": f"N={x['n']}", "seed": seed,
+                          "kl": x["kl"], "gold": x["gold"], "rm_score": x["proxy"]}
+                         for x in curve]
+            write_json(out / f"bon_seed{seed}.json", {"settings": settings, "rows": seed_rows})
+            rows += seed_rows
+    return sorted(rows, key=lambda x: (int(x["setting"][2:]), x["seed"]))
+
+
+def _bon_sampler(cfg: Config):
+    """``curve(seed)``: the best-of-n curve from ``bon_samples`` fresh samples per prompt."""
+    r = Path(cfg.root)
     pcfg = ppo_stage.PRESETS[cfg.preset]
     policy, _, tok, _ = load_bundle(r / "sft/final", kind="lm", compute_dtype=pcfg.compute_dtype)
     rm, _, _, meta = load_bundle(r / "reward/final", kind="scalar",
@@ -145,19 +165,21 @@ def bon_points(cfg: Config, out: Path) -> list[dict]:
     lm_def, params = nnx.split(policy)
     scfg = ppo.sampling_config(pcfg, tok.pad_id, None)
     sample = jax.jit(best_of_n.sample_scored, static_argnums=(0, 2, 7, 8))
-    proxy, gold_scores = [], []
-    for i in range(len(tokens)):  # one prompt at a time: M samples of it in one batch
-        t, m, s = jax.device_get(sample(lm_def, params, reward, nnx.state(rm), tokens[i:i + 1],
-                                        mask[i:i + 1], jax.random.key(i), scfg,
-                                        cfg.bon_samples))
-        proxy.append(s[0])
-        gold_scores.append(gold.prob(decode_rows(tok, t[0], m[0])))
-    curve = best_of_n.curve(np.array(proxy), np.array(gold_scores),
-                            ns=[2 ** k for k in range(9) if 2 ** k <= cfg.bon_samples])
-    rows = [{"method": "best-of-N", "setting": f"N={x['n']}", "seed": None, "kl": x["kl"],
-             "gold": x["gold"], "rm_score": x["proxy"]} for x in curve]
-    write_json(cache, {"settings": settings, "rows": rows})
-    return rows
+
+    def curve(seed: int) -> list[dict]:
+        proxy, gold_scores = [], []
+        for i in tqdm(range(len(tokens)), desc=f"best-of-{cfg.bon_samples}, seed {seed}"):
+            # one prompt at a time: its M samples in one batch
+            key = jax.random.fold_in(jax.random.key(seed), i)
+            t, m, s = jax.device_get(sample(lm_def, params, reward, nnx.state(rm),
+                                            tokens[i:i + 1], mask[i:i + 1], key, scfg,
+                                            cfg.bon_samples))
+            proxy.append(s[0])
+            gold_scores.append(gold.prob(decode_rows(tok, t[0], m[0])))
+        return best_of_n.curve(np.array(proxy), np.array(gold_scores),
+                               ns=[2 ** k for k in range(9) if 2 ** k <= cfg.bon_samples])
+
+    return curve
 
 
 def train(cfg: Config, argv: list[str] | None = None) -> dict:
@@ -197,16 +219,25 @@ def fit_forms(rows, g0, r0) -> dict:
         (m, "rl", stats.fit_rl, stats.peak_rl) for m in ("PPO", "GRPO", "RLOO")]
     for method, form, fit, peak in forms:
         pts = [x for x in rows if x["method"] == method and x["kl"] > 0]
-        if len(pts) < 2:
-            continue
+        if len({x["setting"] for x in pts}) < 2:
+            continue  # one setting (or none with KL > 0): nothing to fit a curve to
         d = np.sqrt([x["kl"] for x in pts])
         for key, base in (("gold", g0), ("rm_score", r0)):
-            a, b = fit(d, np.array([x[key] for x in pts]) - base)
-            fits[f"{method}/{key}"] = {"form": form, "alpha": a, "beta": b,
+            if method == "best-of-N":  # its own N=1 (its prompts are a subset of the eval set)
+                base = float(np.mean([x[key] for x in rows
+                                      if x["method"] == method and x["setting"] == "N=1"]))
+            try:
+                a, b = fit(d, np.array([x[key] for x in pts]) - base)
+            except ValueError as e:  # e.g. every point at the same KL
+                print(f"[frontier] {method}/{key}: not fitted ({e})")
+                continue
+            fits[f"{method}/{key}"] = {"form": form, "alpha": a, "beta": b, "base": base,
                                        "peak_sqrt_kl": peak(a, b)}
-        kl = [x["kl"] for x in pts]
-        fits[f"{method}/overoptimization_kl"] = stats.overoptimization_point(
-            kl, [x["gold"] for x in pts], [x["rm_score"] for x in pts])
+        # the peak of the mean curve over seeds (one point per setting)
+        means = [[np.mean([x[k] for x in pts if x["setting"] == st])
+                  for k in ("kl", "gold", "rm_score")]
+                 for st in dict.fromkeys(x["setting"] for x in pts)]
+        fits[f"{method}/overoptimization_kl"] = stats.overoptimization_point(*zip(*means))
     return fits
 
 
@@ -235,7 +266,8 @@ def markdown(result) -> str:
     for t in result["table"]:
         lines.append(f"| {t['method']} | {t['setting']} | {t['n']} | {_fmt(t['kl'])} | "
                      f"{_fmt(t['gold'])} | {_fmt(t['rm_score'])} |")
-    lines += ["", "Fits (gain over SFT, d = √KL): best-of-N d(α − βd), RL d(α − β log d)", "",
+    lines += ["", "Fits of the gain over the starting point (SFT; best-of-N: its own N=1), "
+              "d = √KL: best-of-N d(α − βd), RL d(α − β log d)", "",
               "| curve | α | β | d at the peak |", "|---|---|---|---|"]
     for k, f in result["fits"].items():
         if isinstance(f, dict):
@@ -249,12 +281,14 @@ def markdown(result) -> str:
 
 
 def plot(rows, fits, g0, r0, path: Path) -> None:
+    """Each run as a faint dot, each setting's mean over seeds with its 95% CI, and the fits."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     colors = {"PPO": "C0", "best-of-N": "C1", "DPO": "C2", "GRPO": "C3", "RLOO": "C4"}
+    means = table(rows)
     for ax, key, base, label in ((axes[0], "gold", g0, "gold P(positive)"),
                                  (axes[1], "rm_score", r0, "reward-model score")):
         for method, c in colors.items():
@@ -262,18 +296,25 @@ def plot(rows, fits, g0, r0, path: Path) -> None:
             if not pts:
                 continue
             d = np.sqrt(np.maximum([x["kl"] for x in pts], 0))
-            ax.scatter(d, [x[key] for x in pts], color=c, s=14, label=method, alpha=0.8)
+            ax.scatter(d, [x[key] for x in pts], color=c, s=8, alpha=0.3)
+            m = sorted((t for t in means if t["method"] == method), key=lambda t: t["kl"]["mean"])
+            half = [0 if t["n"] < 2 else t[key]["half_width"] for t in m]
+            ax.errorbar(np.sqrt(np.maximum([t["kl"]["mean"] for t in m], 0)),
+                        [t[key]["mean"] for t in m], yerr=half, color=c, marker="o", ms=4,
+                        lw=0 if f"{method}/{key}" in fits else 0.8, elinewidth=0.8, capsize=2,
+                        label=method)
             f = fits.get(f"{method}/{key}")
             if f:
                 grid = np.linspace(1e-3, d.max() * 1.1, 100)
                 form = stats.gao_bon if f["form"] == "bon" else stats.gao_rl
-                ax.plot(grid, base + form(grid, f["alpha"], f["beta"]), color=c, lw=1)
+                ax.plot(grid, f["base"] + form(grid, f["alpha"], f["beta"]), color=c, lw=1)
         ax.axhline(base, color="gray", lw=0.6, ls=":")
         ax.set_xlabel("√KL(π ‖ π_SFT)  (√nats)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Gold vs proxy as the reward model is optimised")
+    fig.suptitle("Gold vs proxy as the reward model is optimised (mean ± 95% CI over seeds; "
+                 "lines: Gao et al. fits)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
