@@ -72,10 +72,15 @@ class Config:
     """Prompts per sampling call."""
     compute_dtype: str = "float32"
     seed: int = 0
+    mesh: str | None = None
+    """Device mesh, e.g. ``data=2,fsdp=4`` (axes ``data``, ``fsdp``, ``tensor``: parameters and
+    optimizer state sharded over ``fsdp``, batches over ``data × fsdp``); None: every device on
+    the data axis, parameters replicated."""
 
     def errors(self) -> list[str]:
-        errs = (common.positive(self, "train_prompts", "eval_prompts", "query_len",
-                                "response_len", "batch_size")
+        errs = (parallel.mesh_errors(self.mesh)
+                + common.positive(self, "train_prompts", "eval_prompts", "query_len",
+                                  "response_len", "batch_size")
                 + common.one_of(self, "labeler", ("simulated", "export", "import"))
                 + common.one_of(self, "compute_dtype", ("float32", "bfloat16")))
         if not self.policies or not self.temperatures or \
@@ -111,7 +116,7 @@ def sample_responses(cfg: Config, prompt_tokens, prompt_mask, mesh, tokenizer) -
     for p_i, policy_dir in enumerate(cfg.policies):
         model, _, _, _ = load_bundle(policy_dir, kind="lm", compute_dtype=cfg.compute_dtype)
         graphdef, params = nnx.split(model)
-        params = parallel.replicate(params, mesh)
+        params = parallel.shard(params, mesh)
         for temp in cfg.temperatures:
             scfg = SamplingConfig(max_new_tokens=cfg.response_len, temperature=temp,
                                   pad_id=tokenizer.pad_id, min_new_tokens=1)
@@ -120,12 +125,12 @@ def sample_responses(cfg: Config, prompt_tokens, prompt_mask, mesh, tokenizer) -
             col = []
             for s in range(0, n, bs):
                 t, m = prompt_tokens[s:s + bs], prompt_mask[s:s + bs]
-                pad = (-len(t)) % mesh.shape[parallel.DATA]
+                pad = (-len(t)) % parallel.batch_devices(mesh)
                 if pad:  # keep every batch divisible by the devices; padded rows are dropped
                     t, m = np.concatenate([t, t[:pad]]), np.concatenate([m, m[:pad]])
                 out = fn(params, *parallel.shard_batch((t, m), mesh), jax.random.fold_in(key, s))
-                col += decode_rows(tokenizer, np.asarray(out.tokens), np.asarray(out.mask))[
-                    :len(t) - pad]
+                host = parallel.to_host(out)
+                col += decode_rows(tokenizer, host.tokens, host.mask)[:len(t) - pad]
             texts.append(col)
             names.append(f"{Path(policy_dir).parent.name}/{Path(policy_dir).name}@T={temp}")
             print(f"[collect] sampled {n} responses from {names[-1]}")
@@ -135,7 +140,7 @@ def sample_responses(cfg: Config, prompt_tokens, prompt_mask, mesh, tokenizer) -
 def train(cfg: Config) -> dict:
     common.check(cfg, cfg.errors())
     workdir = check_output_dir("collect", cfg.workdir)
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(spec=cfg.mesh)
     task = get_task(cfg.task, cfg.data_dir)
     _, _, tok, _ = load_bundle(cfg.policies[0], kind="lm")
     rng = np.random.default_rng(cfg.seed)
@@ -157,14 +162,17 @@ def train(cfg: Config) -> dict:
     if cfg.labeler == "import":
         inputs["rankings"] = files_digest(
             [_rankings_file(cfg.rankings_file, s) for s in ("train", "eval")])
-    if cfg.labeler != "export":
-        guard_outputs("collect", workdir, fingerprint(
-            cfg, exclude=("policies", "gold_path", "rankings_file", "data_dir"), data=inputs),
-            [workdir / "train.jsonl", workdir / "eval.jsonl"])
-    (workdir / "summary.json").unlink(missing_ok=True)  # written again last: the finished marker
+    kept = {s: (workdir / f"{s}.jsonl").exists() for s in ("train", "eval")}
+    parallel.sync("collect-start")  # every process has seen which splits exist
+    if parallel.is_main():  # several processes: process 0 writes
+        if cfg.labeler != "export":
+            guard_outputs("collect", workdir, fingerprint(
+                cfg, exclude=("policies", "gold_path", "rankings_file", "data_dir"),
+                data=inputs), [workdir / "train.jsonl", workdir / "eval.jsonl"])
+        (workdir / "summary.json").unlink(missing_ok=True)  # written last: the finished marker
     for split, n in (("train", cfg.train_prompts), ("eval", cfg.eval_prompts)):
         out_path = workdir / f"{split}.jsonl"
-        if out_path.exists():  # written by this run before it was stopped (guard_outputs)
+        if kept[split]:  # written by this run before it was stopped (guard_outputs)
             print(f"[collect] {out_path} exists; kept")
             records = [json.loads(x) for x in open(out_path, encoding="utf-8") if x.strip()]
             names = records[0]["policies"]
@@ -191,8 +199,9 @@ def train(cfg: Config) -> dict:
                 rec["gold_scores"] = [float(v) for v in row]
         if cfg.labeler == "export":
             path = workdir / "to_label" / f"{split}.jsonl"
-            path.parent.mkdir(exist_ok=True)
-            comparisons.export_for_labeling(records, path)
+            if parallel.is_main():
+                path.parent.mkdir(exist_ok=True)
+                comparisons.export_for_labeling(records, path)
             print(f"[collect] wrote {path}: fill in the ranks, then re-run with "
                   f"--labeler import --rankings-file {path.parent}")
             continue
@@ -200,7 +209,8 @@ def train(cfg: Config) -> dict:
             ranks = simulated_ranks(g, cfg.labeler_temperature, rng)
             for rec, r in zip(records, ranks):
                 rec["ranks"] = [int(x) for x in r]
-        comparisons.write_comparisons(out_path, records)  # atomic: a kill leaves no half file
+        if parallel.is_main():
+            comparisons.write_comparisons(out_path, records)  # atomic: no half file after a kill
         summary.update(_split_figures(split, records, names, g))
     if cfg.labeler == "export":
         # No summary.json: the stage is not finished until the rankings are imported.

@@ -31,9 +31,14 @@ MODELS: dict[str, ModelConfig] = {
 
 
 def parse(config_cls: type[C], presets: dict[str, C], argv: list[str] | None = None) -> C:
-    """``--preset NAME`` picks the defaults; every other flag overrides one field (tyro)."""
+    """``--preset NAME`` picks the defaults; every other flag overrides one field (tyro).
+
+    A process started by ``python -m rlhf_jax.launch`` (or on a cluster) joins the others here,
+    before any other JAX call."""
     import tyro
 
+    from rlhf_jax import parallel
+    parallel.initialize_distributed()
     argv = list(sys.argv[1:] if argv is None else argv)
     name = "default"
     for i, a in enumerate(argv):
@@ -93,7 +98,8 @@ def init_lm(model: str, init_from: str | None, tokenizer_spec: str, vocab_size: 
                     f"to start fresh, delete {workdir} or choose another --workdir")
             tok = tokenizers.Tokenizer.load(tok_dir)
         else:
-            tok = tokenizers.train_bpe(texts, vocab_size)
+            tok = tokenizers.train_bpe(texts, vocab_size)  # deterministic: same on every process
+        if jax.process_index() == 0 and not (tok_dir / "tokenizer.json").exists():
             with writing_dir(tok_dir) as tmp:  # all or nothing: a kill leaves no half tokenizer
                 tok.save(tmp)
                 (tmp / "source.json").write_text(json.dumps(source) + "\n")

@@ -56,11 +56,18 @@ class Config(ppo.PPOConfig):
     stop_token: str | None = None
     """Stop token (text) for EOS handling / missing-EOS penalty; None: fixed-length responses."""
     compute_dtype: str = "float32"
+    param_dtype: str = "float32"
+    """Storage dtype of every model's parameters and of the Adam state: ``bfloat16`` halves
+    their memory (updates are rounded to bf16; for large models on accelerators)."""
     eval_prompts: int = 256
     eval_every: int = 20
     checkpoint_every: int = 20
     num_devices: int | None = None
-    """Devices of the data axis (None: all)."""
+    """Devices the mesh uses (None: all)."""
+    mesh: str | None = None
+    """Device mesh, e.g. ``data=2,fsdp=4`` (axes ``data``, ``fsdp``, ``tensor``: parameters and
+    optimizer state sharded over ``fsdp``, batches over ``data × fsdp``); None: every device on
+    the data axis, parameters replicated."""
     stop_after: int | None = None
     """End this run after N iterations (a time-limited job slot); re-running resumes."""
     wandb: bool = False
@@ -72,7 +79,9 @@ class Config(ppo.PPOConfig):
         if self.missing_eos_penalty is not None and self.stop_token is None:
             errs.append(f"missing_eos_penalty={self.missing_eos_penalty}: needs --stop-token "
                         "(without one every response would get the penalty)")
-        return errs + common.one_of(self, "compute_dtype", ("float32", "bfloat16"))
+        return (errs + common.one_of(self, "compute_dtype", ("float32", "bfloat16"))
+                + common.one_of(self, "param_dtype", ("float32", "bfloat16"))
+                + parallel.mesh_errors(self.mesh, self.num_devices))
 
 
 PRESETS: dict[str, Config] = {
@@ -123,7 +132,7 @@ def train(cfg: Config) -> dict:
     """Runs (or resumes) PPO; returns the summary (also written to ``summary.json``)."""
     common.check(cfg, cfg.errors())
     workdir = check_output_dir("ppo", cfg.workdir)
-    mesh = parallel.make_mesh(cfg.num_devices)
+    mesh = parallel.make_mesh(cfg.num_devices, spec=cfg.mesh)
     policy, rm, critic, mcfg, tok, reward = load_models(cfg)
     inputs = {"sft": tree_digest(params_of(policy)), "reward": tree_digest(params_of(rm))}
     if cfg.gold_path and Path(cfg.gold_path).exists():
@@ -133,15 +142,17 @@ def train(cfg: Config) -> dict:
     if cfg.query_len + cfg.response_len + 1 > mcfg.max_seq_len:
         raise ValueError(f"query_len + response_len + 1 = {cfg.query_len + cfg.response_len + 1} "
                          f"exceeds the model's max_seq_len={mcfg.max_seq_len}")
+    for m in (policy, rm, critic):  # bf16 storage: before the optimizer state is built from them
+        nnx.update(m, parallel.cast_floats(nnx.state(m), cfg.param_dtype))
     lm_def, ref_params = nnx.split(policy)
     scfg = ppo.sampling_config(cfg, tok.pad_id, stop_id(cfg, tok))
     tx = ppo.make_optimizer(cfg)
-    program = ppo.make_ppo(cfg, lm_def, nnx.graphdef(critic), reward, tx, scfg)
+    program = ppo.make_ppo(cfg, lm_def, nnx.graphdef(critic), reward, tx, scfg, mesh=mesh)
     state = ppo.init_state(cfg, policy, critic, tx)
     # The reference is a separate copy: the policy's buffers are donated to each iteration.
-    ref_params = parallel.replicate(jax.tree.map(jnp.copy, ref_params), mesh)
-    rm_params = parallel.replicate(nnx.state(rm), mesh)
-    state = parallel.replicate(state, mesh)
+    ref_params = parallel.shard(jax.tree.map(jnp.copy, ref_params), mesh)
+    rm_params = parallel.shard(nnx.state(rm), mesh)
+    state = parallel.shard(state, mesh)
 
     task = get_task(cfg.task, cfg.data_dir)
     prompts = StatefulBatches(task.prompt_batches(tok, cfg.query_len, cfg.batch_size, cfg.seed))
@@ -154,12 +165,19 @@ def train(cfg: Config) -> dict:
     iteration = jax.jit(program.iteration, donate_argnums=(0,))
     evaluate = ppo.make_evaluate(cfg, lm_def, reward, scfg)
     eval_key = jax.random.key(cfg.seed + 1)
-    eval_batch = parallel.shard_batch({"t": eval_tokens, "m": eval_mask}, mesh) \
-        if len(eval_tokens) % mesh.shape[parallel.DATA] == 0 else {"t": eval_tokens, "m": eval_mask}
+    eval_batch = {"t": eval_tokens, "m": eval_mask}
+    if len(eval_tokens) % parallel.batch_devices(mesh) == 0:
+        eval_batch = parallel.shard_batch(eval_batch, mesh)
+    else:
+        eval_batch = parallel.replicate(eval_batch, mesh)
+
+    if jax.process_count() > 1:  # compiled on every process before the first collective
+        evaluate, _ = parallel.compile_with_memory(evaluate, ref_params, ref_params, rm_params,
+                                                   eval_batch["t"], eval_batch["m"], eval_key)
 
     def run_eval(policy_params):
-        out = jax.device_get(evaluate(policy_params, ref_params, rm_params, eval_batch["t"],
-                                      eval_batch["m"], eval_key))
+        out = parallel.to_host(evaluate(policy_params, ref_params, rm_params, eval_batch["t"],
+                                        eval_batch["m"], eval_key))
         metrics = {"eval/scores": float(np.mean(out["score"])),
                    "eval/kl_k1": float(np.mean(out["kl_k1"])),
                    "eval/kl_k3": float(np.mean(out["kl_k3"]))}
@@ -176,13 +194,17 @@ def train(cfg: Config) -> dict:
     loop.check_finite(0, sft_eval, FINITE)
     if loop.start == 0:
         loop.log(0, sft_eval, force=True)
+    memory = None
     for it in loop.steps():
         batch = parallel.shard_batch(
             {k: v for k, v in prompts.next().items() if k in ("tokens", "mask")}, mesh)
         t0 = time.perf_counter()
+        if memory is None:  # compiled once, with XLA's per-device memory analysis
+            iteration, memory = parallel.compile_with_memory(
+                iteration, state, ref_params, rm_params, batch["tokens"], batch["mask"])
         state, metrics, resp, resp_mask = iteration(state, ref_params, rm_params,
                                                     batch["tokens"], batch["mask"])
-        metrics = dict(jax.device_get(metrics))
+        metrics, resp, resp_mask = parallel.to_host((dict(metrics), resp, resp_mask))
         metrics["perf/iteration_seconds"] = time.perf_counter() - t0  # the first includes compile
         if gold is not None:
             metrics["objective/gold"] = _gold_mean(gold, tok, resp, resp_mask)
@@ -192,12 +214,13 @@ def train(cfg: Config) -> dict:
         loop.log(it, metrics)
         loop.end_step(it, state, data=prompts)
     loop.close()
+    parallel.sync("ppo-trained")  # process 0 has written every metrics row
     if not loop.finished:
         return {"stage": "ppo", "stopped_at": loop.last}
 
     final_eval, ppo_tokens, ppo_mask = run_eval(state.params["policy"])
     loop.check_finite(loop.last, final_eval, FINITE)
-    load_params_into(policy, nnx.to_pure_dict(jax.device_get(state.params["policy"])))
+    load_params_into(policy, nnx.to_pure_dict(parallel.to_host(state.params["policy"])))
     # The bundle and its Hugging Face export, written together (all or nothing).
     save_bundle(workdir / "final", policy, mcfg, tok, kind="lm", extra={"stage": "ppo"},
                 hf_config={"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id})
@@ -217,11 +240,12 @@ def train(cfg: Config) -> dict:
         "stage": "ppo", "iterations": cfg.iterations, "eval_prompts": int(len(eval_tokens)),
         "sft": figures(sft_eval), "ppo": figures(final_eval),
         "kl_note": "kl: Σ_t log π/π_SFT (k1) per response; kl_k3: Σ_t of the k3 estimate",
-        "final_kl_coef": float(jax.device_get(state.kl_ctl.value)),
+        "final_kl_coef": float(parallel.to_host(state.kl_ctl.value)),
         "median_iteration_seconds": float(np.median(
             [r["perf/iteration_seconds"] for r in rows[1:] if "perf/iteration_seconds" in r]
             or [float("nan")])),
         "config": dataclasses.asdict(cfg),
+        "memory": {"iteration": memory},  # per device, bytes (None: no iteration in this run)
     }
     write_summary(workdir, summary)
     print(f"[ppo] held-out gold P(positive): SFT {summary['sft']['gold']} -> PPO "

@@ -65,10 +65,15 @@ class Config:
     wandb: bool = False
     """Also log to Weights & Biases (offline; needs ``pip install wandb``)."""
     seed: int = 0
+    mesh: str | None = None
+    """Device mesh, e.g. ``data=2,fsdp=4`` (axes ``data``, ``fsdp``, ``tensor``: parameters and
+    optimizer state sharded over ``fsdp``, batches over ``data × fsdp``); None: every device on
+    the data axis, parameters replicated."""
 
     def errors(self) -> list[str]:
-        return (common.positive(self, "max_len", "batch_size", "epochs", "checkpoint_every",
-                                "log_every")
+        return (parallel.mesh_errors(self.mesh)
+                + common.positive(self, "max_len", "batch_size", "epochs", "checkpoint_every",
+                                  "log_every")
                 + common.finite_positive(self, "learning_rate")
                 + common.one_of(self, "loss", ("ranking", "best_of_k"))
                 + common.one_of(self, "pool", POOLS)
@@ -117,7 +122,7 @@ def make_steps(graphdef, tx, loss: str, pool: str = "last", eos_id: int = 0, mes
 def score_split(score_fn, params, source, tok, cfg: Config, mesh) -> tuple[np.ndarray, list]:
     """RM scores ``[N, K]`` of every example of a comparisons split, in order, and the records."""
     from rlhf_jax.data import batching, comparisons
-    n_dev = mesh.shape[parallel.DATA]
+    n_dev = parallel.batch_devices(mesh)
     bs = max(n_dev, cfg.batch_size - cfg.batch_size % n_dev)
     b = batching.comparison_batches(source, tok, max_len=cfg.max_len, overlong="truncate",
                                     cfg=batching.LoaderConfig(bs, shuffle=False,
@@ -130,7 +135,7 @@ def score_split(score_fn, params, source, tok, cfg: Config, mesh) -> tuple[np.nd
         pad = (-n) % n_dev
         t, m, r = (np.concatenate([x[k], x[k][:1].repeat(pad, 0)])
                    for k in ("tokens", "mask", "response_mask"))
-        out.append(np.asarray(score_fn(params, *parallel.shard_batch((t, m, r), mesh)))[:n])
+        out.append(parallel.to_host(score_fn(params, *parallel.shard_batch((t, m, r), mesh)))[:n])
     records = [comparisons.decode_comparison(source[i]) for i in range(len(source))]
     return np.concatenate(out), records
 
@@ -149,13 +154,16 @@ def train(cfg: Config) -> dict:
 
     common.check(cfg, cfg.errors())
     workdir = check_output_dir("reward", cfg.workdir)
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(spec=cfg.mesh)
     rm, mcfg, tok, _ = load_bundle(cfg.sft_dir, kind="scalar", compute_dtype=cfg.compute_dtype)
     # The run's identity: the config (not the epochs) + the comparisons + the initial weights.
     files = [f for fs in comparisons.split_files(cfg.comparisons_dir).values() for f in fs]
     fp = fingerprint(cfg, exclude=("epochs", "sft_dir", "comparisons_dir"),
                      data={"comparisons": files_digest(files), "sft": tree_digest(params_of(rm))})
-    _, sources = comparisons.build_comparisons(cfg.comparisons_dir, str(workdir / "tfds"))
+    for first in (True, False):  # process 0 builds the dataset; the others then reuse it
+        if parallel.is_main() == first:
+            _, sources = comparisons.build_comparisons(cfg.comparisons_dir, str(workdir / "tfds"))
+        parallel.sync(f"reward-comparisons-{first}")
     # Every ranking tied would train to loss 0 and save an untrained model: refuse instead.
     comparisons.require_untied_pairs(sources["train"], f"{cfg.comparisons_dir}/train")
     train_src = sources["train"]
@@ -169,29 +177,34 @@ def train(cfg: Config) -> dict:
     tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
                      optax.adamw(schedule, weight_decay=cfg.weight_decay))
     graphdef, params = nnx.split(rm)
-    params = parallel.replicate(params, mesh)
-    opt_state = parallel.replicate(tx.init(params), mesh)
-    train_step, score_fn = make_steps(graphdef, tx, cfg.loss, cfg.pool, tok.eos_id)
+    params = parallel.shard(params, mesh)
+    opt_state = parallel.shard(tx.init(params), mesh)
+    train_step, score_fn = make_steps(graphdef, tx, cfg.loss, cfg.pool, tok.eos_id, mesh)
 
     loop = TrainLoop("reward", workdir, steps, checkpoint_every=cfg.checkpoint_every,
                      log_every=cfg.log_every, show=("rm/loss", "rm/accuracy"), wandb=cfg.wandb,
                      config=cfg, fingerprint=fp)
     params, opt_state = loop.restore((params, opt_state), data=loader)
+    memory = None
     for step in loop.steps():
         batch = batching.arrays_only(loader.next())
         batch = parallel.shard_batch({key: batch[key] for key in ("tokens", "mask",
                                                                   "response_mask", "ranks",
                                                                   "valid")}, mesh)
+        if memory is None:  # compiled once, with XLA's per-device memory analysis
+            train_step, memory = parallel.compile_with_memory(train_step, params, opt_state,
+                                                              batch)
         params, opt_state, metrics = train_step(params, opt_state, batch)
         loop.check_finite(step, metrics, ("rm/loss", "rm/grad_norm"))
         loop.log(step, metrics)
         loop.end_step(step, (params, opt_state), data=loader)
     loop.close()
+    parallel.sync("reward-trained")  # process 0 has written every metrics row
     print(loader.batches.report.summary())
 
     # Held-out accuracy, then reward normalisation on the SFT policy's samples.
     summary = {"stage": "reward", "steps": steps, "loss": cfg.loss,
-               "config": dataclasses.asdict(cfg)}
+               "config": dataclasses.asdict(cfg), "memory": {"train_step": memory}}
     for split in sources:
         s, recs = score_split(score_fn, params, sources[split], tok, cfg, mesh)
         ranks = np.array([r["ranks"] for r in recs])
@@ -203,7 +216,7 @@ def train(cfg: Config) -> dict:
             cols = [j for j, p in enumerate(recs[0]["policies"])
                     if p.startswith(cfg.normalize_policy)]
             ref = s[:, cols or list(range(s.shape[1]))].reshape(-1)
-    params = jax.device_get(params)
+    params = parallel.to_host(params)
     head = params["head"]
     gain, bias = rl.normalization_gain_bias(jnp.asarray(ref), head["gain"][...], head["bias"][...])
     summary["normalization"] = {"before_mean": float(ref.mean()), "before_std": float(ref.std()),

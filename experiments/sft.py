@@ -65,6 +65,9 @@ class Config:
     warmup_steps: int = 50
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
+    param_dtype: str = "float32"
+    """Storage dtype of the parameters and Adam state: ``bfloat16`` halves their memory (updates
+    are rounded to bf16; for large models on accelerators)."""
     compute_dtype: str = "float32"
     """Matmul dtype: ``bfloat16`` (f32 accumulation) pays off on CPUs with AVX512-BF16/AMX and on
     accelerators; on AVX2-only CPUs it is slower than f32."""
@@ -75,12 +78,18 @@ class Config:
     wandb: bool = False
     """Also log to Weights & Biases (offline; needs ``pip install wandb``)."""
     seed: int = 0
+    mesh: str | None = None
+    """Device mesh, e.g. ``data=2,fsdp=4`` (axes ``data``, ``fsdp``, ``tensor``: parameters and
+    optimizer state sharded over ``fsdp``, batches over ``data × fsdp``); None: every device on
+    the data axis, parameters replicated."""
 
     def errors(self) -> list[str]:
         return (common.positive(self, "seq_len", "batch_size", "steps", "checkpoint_every",
                                 "log_every", "eval_batches", "vocab_size")
                 + common.finite_positive(self, "learning_rate")
-                + common.one_of(self, "compute_dtype", ("float32", "bfloat16")))
+                + common.one_of(self, "compute_dtype", ("float32", "bfloat16"))
+                + common.one_of(self, "param_dtype", ("float32", "bfloat16"))
+                + parallel.mesh_errors(self.mesh))
 
 
 PRESETS: dict[str, Config] = {
@@ -131,7 +140,7 @@ def train(cfg: Config) -> dict:
 
     common.check(cfg, cfg.errors())
     workdir = check_output_dir("sft", cfg.workdir)
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(spec=cfg.mesh)
     task = get_task(cfg.task, cfg.data_dir)
     train_src = task.sft_source("train", cfg.max_train_texts)
     texts = [r["text"] for r in train_src]
@@ -155,12 +164,12 @@ def train(cfg: Config) -> dict:
 
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(cfg)
-    params = parallel.replicate(params, mesh)
-    opt_state = parallel.replicate(tx.init(params), mesh)
-    train_step, eval_step = make_train_step(graphdef, tx)
+    params = parallel.shard(parallel.cast_floats(params, cfg.param_dtype), mesh)
+    opt_state = parallel.shard(tx.init(params), mesh)
+    train_step, eval_step = make_train_step(graphdef, tx, mesh)
 
     def save_model(sub, step):
-        load_params_into(model, nnx.to_pure_dict(jax.device_get(params)))
+        load_params_into(model, nnx.to_pure_dict(parallel.to_host(params)))
         save_bundle(workdir / sub, model, model_cfg, tokenizer, kind="lm",
                     extra={"stage": "sft", "step": step})
 
@@ -168,9 +177,12 @@ def train(cfg: Config) -> dict:
                      log_every=cfg.log_every, show=("lm/loss", "lm/accuracy"), wandb=cfg.wandb,
                      config=cfg, fingerprint=fp)
     params, opt_state = loop.restore((params, opt_state), data=loader)
-    t0, tokens_seen = time.perf_counter(), 0
+    t0, tokens_seen, memory = time.perf_counter(), 0, None
     for step in loop.steps():
         batch = parallel.shard_batch(batching.arrays_only(loader.next()), mesh)
+        if memory is None:  # compiled once, with XLA's per-device memory analysis
+            train_step, memory = parallel.compile_with_memory(train_step, params, opt_state,
+                                                              batch)
         params, opt_state, metrics = train_step(params, opt_state, batch)
         loop.check_finite(step, metrics, ("lm/loss", "lm/grad_norm"))
         tokens_seen += cfg.batch_size * cfg.seq_len
@@ -180,10 +192,13 @@ def train(cfg: Config) -> dict:
             save_model("half", step)  # a second, weaker LM for the comparison collection
         loop.end_step(step, (params, opt_state), data=loader)
     loop.close()
+    parallel.sync("sft-trained")  # process 0 has written every metrics row
 
-    evals = [jax.device_get(eval_step(params, parallel.shard_batch(
-        batching.arrays_only(eval_rows.next()), mesh)))
-             for _ in range(cfg.eval_batches)]
+    eval_batches = [parallel.shard_batch(batching.arrays_only(eval_rows.next()), mesh)
+                    for _ in range(cfg.eval_batches)]
+    if jax.process_count() > 1:  # compiled on every process before the first collective
+        eval_step, _ = parallel.compile_with_memory(eval_step, params, eval_batches[0])
+    evals = [parallel.to_host(eval_step(params, b)) for b in eval_batches]
     eval_loss = float(np.mean([e["lm/loss"] for e in evals]))
     save_model("final", cfg.steps)
     rows = read_metrics(workdir / "metrics.jsonl")
@@ -194,6 +209,7 @@ def train(cfg: Config) -> dict:
         "train_loss": rows[-1]["lm/loss"] if rows else None,
         "eval_loss": eval_loss, "eval_perplexity": math.exp(eval_loss),
         "vocab_size": model_cfg.vocab_size, "config": dataclasses.asdict(cfg),
+        "memory": {"train_step": memory},  # per device, bytes (None: no step ran in this run)
     }
     write_summary(workdir, summary)
     print(f"[sft] eval loss {eval_loss:.3f} (ppl {math.exp(eval_loss):.1f}) -> {workdir}/final")

@@ -81,14 +81,28 @@ def _abstract(tree):
 
 
 class Checkpointer:
-    """A thin wrapper over ``orbax.checkpoint.CheckpointManager`` for (state, metadata) pairs."""
+    """A thin wrapper over ``orbax.checkpoint.CheckpointManager`` for (state, metadata) pairs.
 
-    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
+    In a multi-process run every process calls ``save``/``restore`` with the same global arrays
+    (orbax writes each process's shards and coordinates the processes), unless ``local``: then
+    this process reads or writes alone (model bundles, which process 0 writes from host arrays
+    and every process reads whole).
+    """
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2, local: bool = False):
         self.directory = Path(directory).absolute()
+        mp, create = ocp.options.MultiprocessingOptions(), True
+        if local and jax.process_count() > 1:
+            me = jax.process_index()
+            mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                                    barrier_sync_key_prefix=f"local{me}")
+            create = False  # orbax leaves the folder to us when only some processes take part
+            self.directory.mkdir(parents=True, exist_ok=True)
         self._mngr = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                 enable_async_checkpointing=False))
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                                 enable_async_checkpointing=False,
+                                                 multiprocessing_options=mp))
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()

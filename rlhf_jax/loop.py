@@ -38,6 +38,8 @@ Guarantees:
   before the first step when the folder cannot be created or written, or its disk is nearly full.
 * **Finished marker.** ``summary.json`` marks a finished stage; the loop removes it when a run
   (re)starts, and the stage writes it again last, after its final outputs.
+* **Several processes** (:mod:`rlhf_jax.launch`, a cluster): every process runs the loop and
+  saves the (global) checkpoints with orbax; only process 0 writes metrics and removes files.
 """
 from __future__ import annotations
 
@@ -49,20 +51,20 @@ from pathlib import Path
 import shutil
 from typing import Any, Iterator, Mapping, Sequence
 
-import jax
 import numpy as np
 
+from rlhf_jax import parallel
 from rlhf_jax.checkpoint import Checkpointer
-from rlhf_jax.metrics import MetricsWriter
+from rlhf_jax.metrics import MetricsWriter, to_python
 
 MIN_FREE_BYTES = 64 << 20
 """Default free disk space an output folder must have at the start of a run (64 MiB)."""
 
 NOT_FINGERPRINTED = ("workdir", "checkpoint_every", "log_every", "eval_every", "wandb",
-                     "stop_after")
+                     "stop_after", "mesh")
 """Config fields that never enter a fingerprint: where and how often a run writes, not what it
-computes. A stage adds its step count (``steps``/``iterations``/``epochs``) and the paths whose
-content it hashes."""
+computes (``mesh``: a run may resume on another mesh). A stage adds its step count
+(``steps``/``iterations``/``epochs``) and the paths whose content it hashes."""
 
 
 class NonFiniteError(RuntimeError):
@@ -248,9 +250,10 @@ class TrainLoop:
         self.last_saved: int | None = None
         """The newest checkpoint of this run (resumed from or saved); None before the first."""
         self.writer: MetricsWriter | None = None
-        for tmp in self.ckpt.incomplete():
+        for tmp in self.ckpt.incomplete() if parallel.is_main() else ():
             shutil.rmtree(tmp)
             print(f"[{stage}] removed {tmp.name}: a checkpoint whose writing was interrupted")
+        parallel.sync(f"{stage}-loop-start")
         self._candidates = list(self._readable_checkpoints())
         if self._candidates:
             self._check_resumable(*self._candidates[0])
@@ -323,7 +326,8 @@ class TrainLoop:
                                    "read:\n  " + "\n  ".join(failures) + f"\nDelete the folder "
                                    f"(rm -rf {self.workdir}) or choose another --workdir.")
         summary = self.workdir / "summary.json"
-        if summary.exists():
+        parallel.sync(f"{self.stage}-restored")  # every process has seen the old summary
+        if summary.exists() and parallel.is_main():
             summary.unlink()
             if self.start < self.total:
                 print(f"[{self.stage}] {self.workdir} held the outputs of a run finished at "
@@ -332,6 +336,9 @@ class TrainLoop:
         # Rows after the resumed step were written by a killed run and come again; without a
         # checkpoint every row does (e.g. PPO's step-0 evaluation).
         keep = self.start if self.last_saved is not None else -1
+        if not parallel.is_main():
+            self.writer = _NoWriter()
+            return state
         self.writer = MetricsWriter(self.workdir, total_steps=self.total, initial_step=self.start,
                                     desc=self.stage, show=self.show, keep_until=keep,
                                     wandb=self.wandb, config=self.config)
@@ -356,7 +363,7 @@ class TrainLoop:
             non-finite ones, and the last good checkpoint (none is written for this step).
         """
         present = [k for k in keys if k in metrics]
-        host = jax.device_get({k: metrics[k] for k in present})
+        host = parallel.to_host({k: metrics[k] for k in present})
         values = {k: float(np.asarray(host[k])) for k in present}
         bad = [k for k in present if not math.isfinite(values[k])]
         if not bad:
@@ -377,7 +384,7 @@ class TrainLoop:
     def log(self, step: int, metrics: Mapping[str, Any], force: bool = False) -> dict | None:
         """Writes ``metrics`` at ``step`` if it is a logging step (or ``force``)."""
         if force or step % self.log_every == 0 or step == self.total:
-            return self.writer.write(step, metrics)
+            return self.writer.write(step, parallel.to_host(dict(metrics)))
         return None
 
     def end_step(self, step: int, state: Any, data: StatefulBatches | None = None,
@@ -405,3 +412,16 @@ class TrainLoop:
         if not self.finished:
             print(f"[{self.stage}] stopped after {self.unit} {self.last} of {self.total}; re-run "
                   "the same command to resume")
+
+
+class _NoWriter:
+    """The metrics writer of processes other than 0: rows are formed, nothing is written."""
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
+        return to_python(metrics)
+
+    def advance(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -134,8 +134,12 @@ def plot_curves(rows: Sequence[Mapping], panels: Iterable[tuple[str, str | Seque
     """One PNG with a panel per ``(y_label, keys)``; each key is a curve against ``x``.
 
     A panel whose ``x`` key is itself a metric (e.g. gold score against KL) is written as
-    ``(y_label, keys)`` with ``x`` set by the caller.
+    ``(y_label, keys)`` with ``x`` set by the caller. In a multi-process run only process 0
+    writes.
     """
+    import jax
+    if jax.process_index() != 0:
+        return Path(out_png)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -77,11 +77,22 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def sync(name: str) -> None:
-    """A barrier across processes (a no-op for one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
+_SYNCS = [0]
+
+
+def sync(name: str, timeout_s: float = 3600.0) -> None:
+    """A barrier across processes (a no-op for one process): every process waits here until all
+    have arrived, e.g. while process 0 writes files the others then read.
+
+    It waits on the ``jax.distributed`` coordination service, not through a device collective
+    (whose CPU/gloo set-up gives up when the processes arrive more than 30 s apart). Every
+    process must call the same syncs in the same order."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the coordination client; orbax waits on it the same way
+    _SYNCS[0] += 1
+    distributed.global_state.client.wait_at_barrier(f"rlhf_jax:{_SYNCS[0]}:{name}",
+                                                    int(timeout_s * 1000))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,8 +237,9 @@ def constrain(tree: Any, mesh: Mesh | None, min_size: int = MIN_SHARD_SIZE) -> A
     """Inside a jitted step: ``tree`` (the new parameters / optimizer state) constrained to the
     partition rules, so a step returns its state sharded as it received it (XLA's propagation
     alone may choose otherwise) and gradients are reduce-scattered rather than replicated.
-    ``mesh=None``: ``tree`` unchanged."""
-    if mesh is None:
+    ``mesh=None`` or a mesh that shards no parameter (``fsdp = tensor = 1``): ``tree``
+    unchanged, the program as without a mesh."""
+    if mesh is None or all(mesh.shape.get(a, 1) == 1 for a in (FSDP, TENSOR)):
         return tree
     return jax.lax.with_sharding_constraint(tree, shardings(tree, mesh, min_size))
 
@@ -308,6 +320,53 @@ def to_host(tree: Any) -> Any:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(get, tree, is_leaf=_is_key)
+
+
+def cast_floats(tree: Any, dtype: str) -> Any:
+    """Every floating-point array leaf of ``tree`` cast to ``dtype`` (e.g. ``"bfloat16"``
+    parameters: half the bytes of f32, and an optimizer state built from them — Adam's moments
+    take their parameters' dtype — is half as large too). Other leaves are unchanged."""
+    dt = np.dtype(jax.numpy.dtype(dtype))
+
+    def cast(x):
+        if hasattr(x, "dtype") and jax.numpy.issubdtype(x.dtype, jax.numpy.floating) \
+                and x.dtype != dt:
+            return x.astype(dt)
+        return x
+
+    return jax.tree.map(cast, tree, is_leaf=_is_key)
+
+
+def compile_with_memory(jitted, *args) -> tuple[Any, dict]:
+    """``(compiled, report)``: ``jitted`` compiled for ``args`` (call ``compiled`` with arrays of
+    the same shapes and shardings instead of ``jitted``: one compilation, not two) and
+    :func:`memory_report` of it.
+
+    With several processes they wait for each other after compiling (:func:`sync`), so the
+    program's first collectives start together (the CPU's gloo set-up gives up when processes
+    arrive more than 30 s apart, e.g. one compiling slower on a loaded machine)."""
+    compiled = jitted.lower(*args).compile()
+    sync("compiled")
+    return compiled, memory_report(compiled)
+
+
+def memory_report(compiled) -> dict:
+    """Per-device bytes of a compiled program, from XLA's ``memory_analysis()``: its arguments,
+    outputs, outputs aliased to donated arguments, temporaries and code, and
+    ``peak_bytes_estimate = arguments + outputs - aliased + temporaries``. Empty when the backend
+    gives no analysis."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    out = {}
+    for k in ("argument", "output", "alias", "temp", "generated_code"):
+        v = getattr(m, f"{k}_size_in_bytes", None)
+        if v is not None:
+            out[f"{k}_bytes"] = int(v)
+    if {"argument_bytes", "output_bytes", "temp_bytes"} <= set(out):
+        out["peak_bytes_estimate"] = (out["argument_bytes"] + out["output_bytes"]
+                                      - out.get("alias_bytes", 0) + out["temp_bytes"])
+    return out
 
 
 def bytes_per_device(tree: Any) -> dict:

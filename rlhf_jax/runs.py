@@ -101,8 +101,10 @@ def save_bundle(directory: str | os.PathLike, model: nnx.Module, cfg: ModelConfi
         ``eos_token_id``); a model family without an HF mapping skips the export with a message.
     """
     directory = Path(directory)
+    if jax.process_index() != 0:  # multi-process: process 0 writes, from the same host values
+        return directory
     with writing_dir(directory) as tmp:
-        with Checkpointer(tmp / "params", max_to_keep=1) as ckpt:
+        with Checkpointer(tmp / "params", max_to_keep=1, local=True) as ckpt:
             ckpt.save(0, params_of(model))
         tokenizer.save(tmp / "tokenizer")
         if hf_config is not None:
@@ -149,7 +151,7 @@ def load_bundle(directory: str | os.PathLike, kind: str | None = None,
     stored = meta["kind"]
     model = build_model(stored, cfg, head_init=meta.get("head_init") or "reward")
     template = params_of(model)
-    with Checkpointer(directory / "params", max_to_keep=1) as ckpt:
+    with Checkpointer(directory / "params", max_to_keep=1, local=True) as ckpt:
         params, _ = ckpt.restore(template)
     load_params_into(model, params)
     kind = kind or stored
@@ -162,8 +164,11 @@ def load_bundle(directory: str | os.PathLike, kind: str | None = None,
 
 def write_summary(workdir: str | os.PathLike, summary: dict[str, Any]) -> Path:
     """Writes ``workdir/summary.json`` atomically (a temporary file renamed over it). A stage
-    writes it last, after every other output: it marks the stage as finished."""
+    writes it last, after every other output: it marks the stage as finished. In a
+    multi-process run only process 0 writes."""
     path = Path(workdir) / "summary.json"
+    if jax.process_index() != 0:
+        return path
     tmp = path.with_name(".summary.json.tmp")
     tmp.write_text(json.dumps(jax.tree.map(_plain, summary), indent=2) + "\n")
     os.replace(tmp, path)
@@ -180,6 +185,9 @@ def write_samples(path: str | os.PathLike, title: str, prompts: Sequence[str],
       responses: ``{policy name: N response texts}``, one pair of columns each.
       gold: a scorer with ``prob(texts)`` (the gold P(positive) column), or None (``nan``).
     """
+    if jax.process_index() != 0:  # multi-process: process 0 writes
+        return Path(path)
+
     def cell(s):
         return s.replace("|", "\\|").replace("\n", " ")
 

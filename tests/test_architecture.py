@@ -17,7 +17,8 @@ PKG = ROOT / "rlhf_jax"
 LAYERS = [
     # 0: the base: no project imports
     {"rlhf_jax.masked", "rlhf_jax.assets", "rlhf_jax.gguf_file", "rlhf_jax.checkpoint",
-     "rlhf_jax.metrics", "rlhf_jax.parallel", "rlhf_jax.labelers", "rlhf_jax.stats"},
+     "rlhf_jax.metrics", "rlhf_jax.parallel", "rlhf_jax.labelers", "rlhf_jax.stats",
+     "rlhf_jax.launch"},
     # 1: pure math on arrays
     {"rlhf_jax.losses", "rlhf_jax.rl"},
     # 2: models and data (data never imports models)

@@ -221,3 +221,55 @@ def test_checkpoint_saved_at_fsdp8_restores_on_one_device_and_continues(tmp_path
     p8, o8, m8 = train_step(params, opt, parallel.shard_batch(batch, mesh8))
     _close(parallel.to_host((p1, o1, m1)), parallel.to_host((p8, o8, m8)), what="continued ")
     assert jnp.isfinite(m1["lm/loss"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory: per-layer rematerialisation and the compiled program's memory report.
+
+def test_remat_keeps_gradients_and_reports_memory():
+    from rlhf_jax import losses
+    from rlhf_jax.models.transformer import positions_from_mask
+    cfg = PRESETS["tiny"].replace(num_layers=4)
+    batch = {k: np.tile(v, (2, 8)) for k, v in _lm_batch(0).items()}  # [16, 96]
+
+    def grad_fn(remat):
+        graphdef, params = nnx.split(Transformer(cfg.replace(remat=remat), rngs=nnx.Rngs(0)))
+
+        def loss(params, b):
+            logits, _, _ = nnx.merge(graphdef, params)(
+                b["tokens"], positions_from_mask(b["mask"]), b["mask"])
+            return losses.lm_loss(logits, b["tokens"], b["loss_mask"])[0]
+
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, batch))
+        blocks = jaxpr.count("checkpoint[") + jaxpr.count("remat")
+        assert blocks == (cfg.num_layers if remat else 0)
+        compiled, memory = parallel.compile_with_memory(jax.jit(jax.grad(loss)), params, batch)
+        return compiled(params, batch), memory
+
+    (g0, m0), (g1, _) = grad_fn(False), grad_fn(True)
+    _close(g1, g0, tol=1e-6, what="remat grads ")
+    assert set(m0) >= {"argument_bytes", "output_bytes", "temp_bytes", "peak_bytes_estimate"}
+    assert m0["argument_bytes"] >= sum(x.nbytes for x in jax.tree.leaves(batch))
+    assert m0["peak_bytes_estimate"] == (m0["argument_bytes"] + m0["output_bytes"]
+                                         - m0["alias_bytes"] + m0["temp_bytes"])
+
+
+def test_bf16_params_and_adam_state_take_half_the_bytes_and_stay_bf16():
+    graphdef, params = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)), nnx.Param)
+    params = jax.device_get(params)  # host copies: the steps donate their device buffers
+    tx = sft_exp.make_optimizer(dataclasses.replace(sft_exp.PRESETS["tiny"], warmup_steps=1))
+    mesh = _mesh("fsdp=8")
+    step = sft_exp.make_train_step(graphdef, tx, mesh)[0]
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        p = parallel.shard(parallel.cast_floats(params, dtype), mesh)
+        o = parallel.shard(tx.init(p), mesh)
+        held = sum(parallel.bytes_per_device((p, o)).values())
+        for s in range(2):
+            p, o, m = step(p, o, parallel.shard_batch(_lm_batch(s), mesh))
+        dtypes = {x.dtype for x in jax.tree.leaves((p, o)) if jnp.issubdtype(x.dtype, jnp.floating)}
+        assert dtypes == {jnp.dtype(dtype)}, dtypes  # the step keeps the storage dtype
+        out[dtype] = held, float(m["lm/loss"])
+    (b32, loss32), (b16, loss16) = out["float32"], out["bfloat16"]
+    assert b16 < 0.51 * b32
+    assert abs(loss16 - loss32) < 2e-2 * abs(loss32)

@@ -35,10 +35,14 @@ or ``keep="last"`` (chat prompts, whose end matters), counted as ``truncated``. 
 skipped and counted (``empty``). Counts are per example index, so a second epoch does not
 double-count; print ``batches.report.summary()``.
 
-Order and sharding: examples are sharded by ``jax.process_index()`` / ``jax.process_count()``
-(grain ``ShardByJaxProcess``; each process gets ``n // count`` examples), then shuffled by
-``seed`` (grain's index shuffle, re-drawn every epoch), then repeated ``num_epochs`` times
-(``None`` = forever). Everything runs in-process (no worker processes).
+Order and sharding: every process reads the same examples by default: in a multi-process run
+each process holds the same *global* batch and :func:`rlhf_jax.parallel.shard_batch` keeps the
+rows of its own devices, so a run computes the same numbers on any number of processes. With
+``shard_by_process=True`` examples are instead sharded by ``jax.process_index()`` /
+``jax.process_count()`` (grain ``ShardByJaxProcess``; each process gets ``n // count`` examples,
+per-process batches). Then they are shuffled by ``seed`` (grain's index shuffle, re-drawn every
+epoch), then repeated ``num_epochs`` times (``None`` = forever). Everything runs in-process
+(no worker processes).
 
 Resuming: ``state = iterator_state(it)`` is a JSON-able dict; ``restore_iterator(fresh_it,
 state)`` continues at the same example (store it in a checkpoint's JSON metadata).
@@ -60,7 +64,7 @@ from rlhf_jax.data.errors import DataError, DataReport
 class LoaderConfig:
     """How examples are ordered and grouped."""
     batch_size: int
-    """B, examples per batch (per process)."""
+    """B, examples per batch (the global batch; per process with ``shard_by_process``)."""
     seed: int = 0
     """Shuffle seed; the same seed gives the same order on every run."""
     shuffle: bool = True
@@ -69,8 +73,9 @@ class LoaderConfig:
     """Passes over the data; None repeats forever."""
     drop_remainder: bool = True
     """Drop a final partial batch so every batch has exactly B rows."""
-    shard_by_process: bool = True
-    """Give each JAX process a disjoint shard of the examples."""
+    shard_by_process: bool = False
+    """Give each JAX process a disjoint shard of the examples (default: every process reads the
+    same global batches)."""
     read_threads: int = 1
     """Threads that prefetch elements in-process (0 = none). Prefetched examples are counted in
     the report before they are consumed; iterator state still points at the next unconsumed one."""

@@ -284,6 +284,17 @@ class Block(nnx.Module):
         return x_btd + self.mlp(self.mlp_norm(x_btd)), cache_kv
 
 
+def _remat_block(block: Block, x_btd, allowed_bts, rope):
+    """``block`` without a cache under ``jax.checkpoint``: its activations are recomputed in the
+    backward pass (``ModelConfig.remat``)."""
+    graphdef, state = nnx.split(block)
+
+    def run(state, x_btd, allowed_bts, rope):
+        return nnx.merge(graphdef, state)(x_btd, allowed_bts, rope, None, 0)[0]
+
+    return jax.checkpoint(run)(state, x_btd, allowed_bts, rope)
+
+
 class Transformer(nnx.Module):
     """Decoder-only causal LM (GPT-2 or Llama family, see the module docstring)."""
 
@@ -361,7 +372,10 @@ class Transformer(nnx.Module):
         new_kv = []  # (k, v) of each layer after this chunk; only with a cache
         for layer, block in enumerate(self.blocks):
             layer_kv = None if cache is None else (cache.k[layer], cache.v[layer])
-            x, layer_kv = block(x, allowed_bts, rope, layer_kv, index)
+            if cfg.remat and cache is None:
+                x = _remat_block(block, x, allowed_bts, rope)
+            else:
+                x, layer_kv = block(x, allowed_bts, rope, layer_kv, index)
             new_kv.append(layer_kv)
         hidden = self.final_norm(x)
 
