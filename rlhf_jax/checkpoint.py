@@ -91,6 +91,8 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2, local: bool = False):
         self.directory = Path(directory).absolute()
+        if jax.process_count() > 1:
+            _use_coordination_barriers()
         mp, create = ocp.options.MultiprocessingOptions(), True
         if local and jax.process_count() > 1:
             me = jax.process_index()
@@ -165,6 +167,16 @@ class Checkpointer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _use_coordination_barriers() -> None:
+    """Orbax's barriers between processes wait on the ``jax.distributed`` coordination service
+    instead of a device collective (whose CPU/gloo set-up gives up when processes arrive more than
+    30 s apart, e.g. one still writing a bundle on a loaded machine)."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
 
 
 def _concrete_keys(template):
