@@ -109,7 +109,7 @@ def dpo_points(cfg: Config, out: Path) -> list[dict]:
     return rows
 
 
-def critic_free_points(cfg: Config, out: Path, advantage: str) -> list[dict]:
+def critic_free_points(cfg: Config, out: Path, advantage: str) -> tuple[list[dict], dict]:
     """GRPO (KL as a k3 loss) or RLOO (KL in the reward) at each fixed β, seeds vmapped."""
     r = Path(cfg.root)
     rows = []
@@ -123,7 +123,8 @@ def critic_free_points(cfg: Config, out: Path, advantage: str) -> list[dict]:
         s = read_summary(gcfg.workdir) or grpo_stage.train(gcfg)
         rows += [{"method": advantage.upper(), "setting": f"β {b:g}", "seed": seed, **p}
                  for seed, p in zip(s["seeds"], s["per_seed"])]
-    return rows
+        sft = s["sft"]
+    return rows, sft
 
 
 def bon_points(cfg: Config, out: Path) -> list[dict]:
@@ -198,9 +199,12 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict:
         rows += dpo_points(cfg, out)
     for advantage in ("grpo", "rloo"):
         if advantage in cfg.methods:
-            rows += critic_free_points(cfg, out, advantage)
-    g0 = sft["gold"] if sft else next(x["gold"] for x in rows if x["setting"] == "N=1")
-    r0 = sft["rm_score"] if sft else next(x["rm_score"] for x in rows if x["setting"] == "N=1")
+            cf_rows, sft = critic_free_points(cfg, out, advantage)
+            rows += cf_rows
+    # the SFT policy on the evaluation prompts (any RL run evaluates it); else best-of-1
+    start = sft or {k: np.mean([x[k] for x in rows if x["setting"] == "N=1"])
+                    for k in ("gold", "rm_score")}
+    g0, r0 = float(start["gold"]), float(start["rm_score"])
     fits = fit_forms(rows, g0, r0)
     result = {"rows": rows, "sft": {"gold": g0, "rm_score": r0}, "fits": fits,
               "table": table(rows), "command": command(argv)}

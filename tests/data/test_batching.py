@@ -165,7 +165,8 @@ def test_sharding_by_process_gives_disjoint_equal_shards(tok, monkeypatch):
     for pid in range(3):
         monkeypatch.setattr(jax, "process_index", lambda pid=pid: pid)
         monkeypatch.setattr(jax, "process_count", lambda: 3)
-        b = batching.prompt_batches(src, tok, max_len=4, cfg=_cfg(batch_size=1))
+        b = batching.prompt_batches(src, tok, max_len=4,
+                                    cfg=_cfg(batch_size=1, shard_by_process=True))
         assert b.num_examples == 7
         seen.append({int(x["index"][0]) for x in b})
     assert all(len(s) == 7 for s in seen)
@@ -219,7 +220,7 @@ def test_batches_place_on_the_mesh(tok, mesh8):
     batch = batching.arrays_only(next(iter(b)))
     placed = parallel.shard_batch(batch, mesh8)
     np.testing.assert_array_equal(np.asarray(placed["tokens"]), batch["tokens"])
-    assert placed["tokens"].sharding.spec[0] == parallel.DATA
+    assert placed["tokens"].sharding.spec[0] == (parallel.DATA, parallel.FSDP)  # batch axes
 
 
 def test_report_deduplicates_across_epochs(tok):
