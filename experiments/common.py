@@ -135,3 +135,18 @@ def check(cfg, errors: list[str]) -> None:
     if errors:
         raise ValueError(f"invalid {type(cfg).__module__.split('.')[-1]} config:\n  " +
                          "\n  ".join(errors))
+
+
+def remember_memory(workdir, name: str, report: dict | None) -> dict | None:
+    """A compiled step's memory report (``parallel.compile_with_memory``), kept in
+    ``<workdir>/memory.json`` when it is first made, so a run resumed with no step left still
+    reports it. ``report=None`` reads it back (None if never made)."""
+    path = Path(workdir) / "memory.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if report is None:
+        return saved.get(name)
+    if jax.process_index() == 0 and saved.get(name) != report:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**saved, name: report}, indent=1))
+        tmp.replace(path)
+    return report

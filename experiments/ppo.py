@@ -202,6 +202,7 @@ def train(cfg: Config) -> dict:
         if memory is None:  # compiled once, with XLA's per-device memory analysis
             iteration, memory = parallel.compile_with_memory(
                 iteration, state, ref_params, rm_params, batch["tokens"], batch["mask"])
+            common.remember_memory(workdir, "iteration", memory)
         state, metrics, resp, resp_mask = iteration(state, ref_params, rm_params,
                                                     batch["tokens"], batch["mask"])
         metrics, resp, resp_mask = parallel.to_host((dict(metrics), resp, resp_mask))
@@ -245,7 +246,8 @@ def train(cfg: Config) -> dict:
             [r["perf/iteration_seconds"] for r in rows[1:] if "perf/iteration_seconds" in r]
             or [float("nan")])),
         "config": dataclasses.asdict(cfg),
-        "memory": {"iteration": memory},  # per device, bytes (None: no iteration in this run)
+        # per device, bytes (None: no iteration ever compiled for this run)
+        "memory": {"iteration": common.remember_memory(workdir, "iteration", memory)},
     }
     write_summary(workdir, summary)
     print(f"[ppo] held-out gold P(positive): SFT {summary['sft']['gold']} -> PPO "

@@ -194,6 +194,7 @@ def train(cfg: Config) -> dict:
         if memory is None:  # compiled once, with XLA's per-device memory analysis
             train_step, memory = parallel.compile_with_memory(train_step, params, opt_state,
                                                               batch)
+            common.remember_memory(workdir, "train_step", memory)
         params, opt_state, metrics = train_step(params, opt_state, batch)
         loop.check_finite(step, metrics, ("rm/loss", "rm/grad_norm"))
         loop.log(step, metrics)
@@ -204,7 +205,8 @@ def train(cfg: Config) -> dict:
 
     # Held-out accuracy, then reward normalisation on the SFT policy's samples.
     summary = {"stage": "reward", "steps": steps, "loss": cfg.loss,
-               "config": dataclasses.asdict(cfg), "memory": {"train_step": memory}}
+               "config": dataclasses.asdict(cfg),
+               "memory": {"train_step": common.remember_memory(workdir, "train_step", memory)}}
     for split in sources:
         s, recs = score_split(score_fn, params, sources[split], tok, cfg, mesh)
         ranks = np.array([r["ranks"] for r in recs])

@@ -183,6 +183,7 @@ def train(cfg: Config) -> dict:
         if memory is None:  # compiled once, with XLA's per-device memory analysis
             train_step, memory = parallel.compile_with_memory(train_step, params, opt_state,
                                                               batch)
+            common.remember_memory(workdir, "train_step", memory)
         params, opt_state, metrics = train_step(params, opt_state, batch)
         loop.check_finite(step, metrics, ("lm/loss", "lm/grad_norm"))
         tokens_seen += cfg.batch_size * cfg.seq_len
@@ -209,7 +210,8 @@ def train(cfg: Config) -> dict:
         "train_loss": rows[-1]["lm/loss"] if rows else None,
         "eval_loss": eval_loss, "eval_perplexity": math.exp(eval_loss),
         "vocab_size": model_cfg.vocab_size, "config": dataclasses.asdict(cfg),
-        "memory": {"train_step": memory},  # per device, bytes (None: no step ran in this run)
+        # per device, bytes (None: no step ever compiled for this run)
+        "memory": {"train_step": common.remember_memory(workdir, "train_step", memory)},
     }
     write_summary(workdir, summary)
     print(f"[sft] eval loss {eval_loss:.3f} (ppl {math.exp(eval_loss):.1f}) -> {workdir}/final")
