@@ -155,7 +155,7 @@ def ppo_case(c: Case, reps: int, mesh, dtype: str) -> dict:
     ubox = {"p": box["s"].params, "o": box["s"].opt_state}
 
     def update_once():
-        ubox["p"], ubox["o"], _ = upd(ubox["p"], ubox["o"], rollout, jax.random.key(1))
+        ubox["p"], ubox["o"], _ = upd(ubox["p"], ubox["o"], ref, rollout, jax.random.key(1))
         return ubox["p"]
 
     update_s = best_seconds(update_once, reps)

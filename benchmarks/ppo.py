@@ -82,7 +82,8 @@ def run_case(name: str, warmup: int, iters: int, compute_dtype: str) -> dict:
     ubox = {"p": state.params, "o": state.opt_state}
 
     def update_once():
-        ubox["p"], ubox["o"], _ = upd(ubox["p"], ubox["o"], batch, jax.random.key(1))
+        ubox["p"], ubox["o"], _ = upd(ubox["p"], ubox["o"], ref_params, batch,
+                                      jax.random.key(1))
         return ubox["p"]
 
     update_timing = common.time_fn(update_once, warmup=warmup, iters=iters,

@@ -117,14 +117,33 @@ class PPOProgram(NamedTuple):
 
     * ``rollout(state, ref_params, rm_params, prompt_bt, prompt_mask_bt, key) -> (batch, metrics,
       sample)``: sample, score, shape rewards, GAE.
-    * ``update(params, opt_state, batch, key) -> (params, opt_state, metrics)``: the epochs ×
-      minibatches of clipped updates on one rollout.
+    * ``update(params, opt_state, ref_params, batch, key) -> (params, opt_state, metrics)``: the
+      epochs × minibatches of clipped updates on one rollout (``ref_params`` is read only where
+      the policy is built from it, as with LoRA; otherwise XLA drops it).
     * ``iteration(state, ref_params, rm_params, prompt_bt, prompt_mask_bt) -> (state, metrics,
       response_tokens, response_mask)``: both, plus the KL-controller step.
     """
     rollout: Callable
     update: Callable
     iteration: Callable
+
+
+class Assembly(NamedTuple):
+    """How a PPO program builds its models from the trained parameters and the frozen
+    ``ref_params`` that each of its functions receives.
+
+    The default is full fine-tuning: the trained policy parameters are the whole policy,
+    ``ref_params`` the reference's own copy, ``rm_params`` the whole reward model. LoRA
+    (:mod:`rlhf_jax.lora_ppo`) trains adapters and passes the shared base as ``ref_params``: the
+    policy is base + adapters, the reference the base graph (adapters off), the reward model the
+    base + its own adapters and head.
+    """
+    policy: Callable = lambda trained, ref_params: trained
+    """``(trained policy params, ref_params) -> the policy's state`` (for ``lm_def``)."""
+    ref_def: nnx.GraphDef | None = None
+    """The reference's graph, merged with ``ref_params`` (None: ``lm_def``)."""
+    reward: Callable = lambda rm_params, ref_params: rm_params
+    """``(rm_params, ref_params) -> the reward model's state``."""
 
 
 def make_optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
@@ -138,7 +157,11 @@ def make_optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
 def init_state(cfg: PPOConfig, policy: nnx.Module, critic: nnx.Module,
                tx: optax.GradientTransformation) -> PPOState:
     """The state at iteration 0: policy and critic params, optimizer state, β, the base key."""
-    params = {"policy": nnx.state(policy), "value": nnx.state(critic)}
+    return initial_state(cfg, {"policy": nnx.state(policy), "value": nnx.state(critic)}, tx)
+
+
+def initial_state(cfg: PPOConfig, params: dict, tx: optax.GradientTransformation) -> PPOState:
+    """The state at iteration 0 for the trained ``params`` (``{"policy", "value"}``)."""
     kl_ctl = (rl.adaptive_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
               if cfg.adaptive_kl else rl.fixed_kl_controller(cfg.kl_coef))
     return PPOState(params=params, opt_state=tx.init(params), kl_ctl=kl_ctl,
@@ -155,7 +178,8 @@ def sampling_config(cfg: PPOConfig, pad_id: int, eos_id: int | None) -> Sampling
 
 def make_ppo(cfg: PPOConfig, lm_def: nnx.GraphDef, value_def: nnx.GraphDef,
              reward: RewardScorer, tx: optax.GradientTransformation,
-             scfg: SamplingConfig, mesh: jax.sharding.Mesh | None = None) -> PPOProgram:
+             scfg: SamplingConfig, mesh: jax.sharding.Mesh | None = None,
+             assembly: Assembly = Assembly()) -> PPOProgram:
     """Builds the PPO program for these models and hyper-parameters.
 
     Args:
@@ -169,6 +193,8 @@ def make_ppo(cfg: PPOConfig, lm_def: nnx.GraphDef, value_def: nnx.GraphDef,
       mesh: the device mesh the state is sharded over (:func:`rlhf_jax.parallel.shard`); every
         update keeps parameters and optimizer state on the partition rules' shardings (None:
         leave the shardings to XLA).
+      assembly: how the models are built from the trained parameters and ``ref_params`` (the
+        default: full fine-tuning; :func:`rlhf_jax.lora_ppo.make_lora_ppo` passes LoRA's).
 
     Raises:
       ValueError: invalid hyper-parameters, or ``missing_eos_penalty`` without a stop token.
@@ -182,24 +208,28 @@ def make_ppo(cfg: PPOConfig, lm_def: nnx.GraphDef, value_def: nnx.GraphDef,
     temp = cfg.temperature
     resp = response_positions(cfg.query_len, cfg.response_len)
     b, n_mb = cfg.batch_size, cfg.num_minibatches
+    ref_def = assembly.ref_def or lm_def
 
-    def forward(params, tokens_bt, mask_bt):
+    def forward(params, ref_params, tokens_bt, mask_bt):
         """Policy logits ``[B, Tr, V]`` and values ``[B, Tr]`` over the response positions."""
-        logits, hidden = response_logits(lm_def, params["policy"], tokens_bt, mask_bt, resp)
+        logits, hidden = response_logits(lm_def, assembly.policy(params["policy"], ref_params),
+                                         tokens_bt, mask_bt, resp)
         pos = positions_from_mask(mask_bt)
         critic = nnx.merge(value_def, params["value"])
         values = critic(hidden) if cfg.value_head_on_policy else critic(tokens_bt, pos, mask_bt)
         return logits, values[:, resp]
 
     def rollout(state: PPOState, ref_params, rm_params, prompt_bt, prompt_mask_bt, key):
-        out = sample_split(lm_def, state.params["policy"], prompt_bt, prompt_mask_bt, key, scfg)
+        out = sample_split(lm_def, assembly.policy(state.params["policy"], ref_params),
+                           prompt_bt, prompt_mask_bt, key, scfg)
         rmask = out.mask
         tokens, mask = concat_prompt_response(prompt_bt, prompt_mask_bt, out.tokens, rmask)
-        logits, values = forward(state.params, tokens, mask)
+        logits, values = forward(state.params, ref_params, tokens, mask)
         logp = losses.token_logprobs(logits, out.tokens, temp)
-        ref_logits, _ = response_logits(lm_def, ref_params, tokens, mask, resp)
+        ref_logits, _ = response_logits(ref_def, ref_params, tokens, mask, resp)
         ref_logp = losses.token_logprobs(ref_logits, out.tokens, temp)
-        score = reward(rm_params, prompt_bt, prompt_mask_bt, out.tokens, rmask)
+        score = reward(assembly.reward(rm_params, ref_params), prompt_bt, prompt_mask_bt,
+                       out.tokens, rmask)
         if cfg.missing_eos_penalty is not None:
             has_eos = jnp.any((out.tokens == scfg.eos_id) & rmask, axis=1)
             score = rl.apply_missing_eos_penalty(score, has_eos, cfg.missing_eos_penalty)
@@ -225,8 +255,8 @@ def make_ppo(cfg: PPOConfig, lm_def: nnx.GraphDef, value_def: nnx.GraphDef,
         }
         return batch, metrics, out
 
-    def loss_fn(params, mb):
-        logits, values = forward(params, mb["tokens"], mb["mask"])
+    def loss_fn(params, ref_params, mb):
+        logits, values = forward(params, ref_params, mb["tokens"], mb["mask"])
         logp = losses.token_logprobs(logits, mb["response"], temp)
         pg_loss, pm = losses.ppo_policy_loss(logp, mb["old_logp"], mb["adv"], mb["rmask"],
                                              cfg.clip_eps, cfg.dual_clip)
@@ -238,21 +268,22 @@ def make_ppo(cfg: PPOConfig, lm_def: nnx.GraphDef, value_def: nnx.GraphDef,
         loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * ent
         return loss, {**pm, **vm, "ppo/loss": loss, "ppo/entropy": ent}
 
-    def minibatch_step(carry, idx_m):
-        params, opt_state, batch = carry
-        mb = jax.tree.map(lambda x: x[idx_m], batch)
-        (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        m["ppo/grad_norm"] = optax.tree.norm(grads)
-        params, opt_state = parallel.constrain((optax.apply_updates(params, updates), opt_state),
-                                               mesh)
-        return (params, opt_state, batch), m
+    def update(params, opt_state, ref_params, batch, key):
+        def minibatch_step(carry, idx_m):
+            params, opt_state, batch = carry
+            mb = jax.tree.map(lambda x: x[idx_m], batch)
+            # Gradients w.r.t. the trained parameters only (argument 0): never of ref_params.
+            (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, ref_params, mb)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            m["ppo/grad_norm"] = optax.tree.norm(grads)
+            params, opt_state = parallel.constrain(
+                (optax.apply_updates(params, updates), opt_state), mesh)
+            return (params, opt_state, batch), m
 
-    def epoch_step(carry, key):
-        perm = jax.random.permutation(key, b).reshape(n_mb, b // n_mb)
-        return jax.lax.scan(minibatch_step, carry, perm)
+        def epoch_step(carry, key):
+            perm = jax.random.permutation(key, b).reshape(n_mb, b // n_mb)
+            return jax.lax.scan(minibatch_step, carry, perm)
 
-    def update(params, opt_state, batch, key):
         (params, opt_state, _), um = jax.lax.scan(
             epoch_step, (params, opt_state, jax.lax.stop_gradient(batch)),
             jax.random.split(key, cfg.ppo_epochs))
@@ -263,7 +294,8 @@ def make_ppo(cfg: PPOConfig, lm_def: nnx.GraphDef, value_def: nnx.GraphDef,
         k_sample, k_epochs = jax.random.split(key)
         batch, metrics, out = rollout(state, ref_params, rm_params, prompt_bt, prompt_mask_bt,
                                       k_sample)
-        params, opt_state, um = update(state.params, state.opt_state, batch, k_epochs)
+        params, opt_state, um = update(state.params, state.opt_state, ref_params, batch,
+                                       k_epochs)
         params, opt_state = parallel.constrain((params, opt_state), mesh)
         metrics.update(um)
         kl_ctl = rl.kl_controller_update(state.kl_ctl, metrics["objective/kl"], b)
