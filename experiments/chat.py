@@ -445,7 +445,7 @@ def train_collect(cfg: Config, base: Base, sft: Transformer, sft_hash: str, task
                        for i, (p, r, gs, rk) in enumerate(zip(prompt_texts(tok, tokens, mask),
                                                               responses, g, ranks))]
             comparisons.write_comparisons(path, records)
-        summary.update(collect_stage._split_figures(split, records, records[0]["policies"], g))
+        summary.update(collect_stage.split_figures(split, records, records[0]["policies"], g))
     write_summary(workdir, summary)
     print(f"[chat/collect] mean gold P(positive) by policy: "
           f"{summary['train_mean_gold_prob_by_policy']}")
@@ -654,7 +654,7 @@ def train_ppo(cfg: Config, base: Base, sft: Transformer, sft_hash: str, task, me
                    for p in prompt_texts(tok, eval_tokens[:n], eval_mask[:n])],
                   {"SFT": sft_texts[:n], "PPO": ppo_texts[:n]}, gold)
     rows = read_metrics(workdir / "metrics.jsonl")
-    ppo_stage._plot(rows, workdir)
+    ppo_stage.plot_run(rows, workdir)
 
     def figures(ev):
         return {"gold": ev["eval/gold"], "rm_score": ev["eval/scores"], "kl": ev["eval/kl_k1"],

@@ -180,7 +180,7 @@ def train(cfg: Config) -> dict:
                 if gold is not None else None
             if cfg.labeler == "simulated":  # the labeler's random stream, as if never stopped
                 simulated_ranks(g, cfg.labeler_temperature, rng)
-            summary.update(_split_figures(split, records, names, g))
+            summary.update(split_figures(split, records, names, g))
             continue
         if cfg.labeler == "import":  # the people's file holds prompts, responses and ranks
             records = comparisons.import_rankings(_rankings_file(cfg.rankings_file, split))
@@ -211,7 +211,7 @@ def train(cfg: Config) -> dict:
                 rec["ranks"] = [int(x) for x in r]
         if parallel.is_main():
             comparisons.write_comparisons(out_path, records)  # atomic: no half file after a kill
-        summary.update(_split_figures(split, records, names, g))
+        summary.update(split_figures(split, records, names, g))
     if cfg.labeler == "export":
         # No summary.json: the stage is not finished until the rankings are imported.
         return {"stage": "collect", "stopped_at": "waiting for rankings",
@@ -227,7 +227,7 @@ def headline(summary: dict) -> list[tuple[str, str, object, str]]:
              summary.get("train_labeler_gold_pair_agreement"), ".3f")]
 
 
-def _split_figures(split: str, records: list, names: list, gold_scores) -> dict:
+def split_figures(split: str, records: list, names: list, gold_scores) -> dict:
     """A split's summary figures, from its records and their gold scores ``[N, K]`` (None: no
     gold scorer): the same whether the split was written now or kept from a stopped run."""
     out = {}

@@ -231,7 +231,7 @@ def train(cfg: Config) -> dict:
                   {"SFT": decode_rows(tok, sft_tokens[:n], sft_mask[:n]),
                    "PPO": decode_rows(tok, ppo_tokens[:n], ppo_mask[:n])}, gold)
     rows = read_metrics(workdir / "metrics.jsonl")
-    _plot(rows, workdir)
+    plot_run(rows, workdir)
 
     def figures(ev):
         return {"gold": ev.get("eval/gold"), "rm_score": ev["eval/scores"],
@@ -270,7 +270,8 @@ def _gold_mean(gold, tokenizer, tokens, mask) -> float:
     return float(np.mean(gold.prob(decode_rows(tokenizer, np.asarray(tokens), np.asarray(mask)))))
 
 
-def _plot(rows, workdir: Path):
+def plot_run(rows, workdir: Path):
+    """`ppo.png` (gold, reward-model score and KL by step) and `gold_vs_kl.png`."""
     plot_curves(rows, [("gold P(positive)", ["objective/gold", "eval/gold"]),
                        ("reward-model score", ["objective/scores", "eval/scores"]),
                        ("KL to SFT (nats)", ["objective/kl", "eval/kl_k1"])],
