@@ -9,6 +9,7 @@ policy's samples have mean 0 and std 1 (reward normalisation).
 Run::
 
     python -m experiments.reward --preset default
+    python -m experiments.reward --preset default --seeds 3 --workdir runs/default/reward_seeds
 
 Reports held-out pairwise accuracy against the labeler's ranks and against the gold scorer's order.
 Outputs: ``ckpt/``, ``metrics.jsonl``, ``tensorboard/``, ``reward.png``, ``summary.json``,
@@ -17,6 +18,7 @@ Outputs: ``ckpt/``, ``metrics.jsonl``, ``tensorboard/``, ``reward.png``, ``summa
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 from flax import nnx
 import jax
@@ -25,11 +27,12 @@ import numpy as np
 import optax
 
 from experiments import common
-from rlhf_jax import losses, parallel, rl
+from rlhf_jax import losses, parallel, rl, stats
 from rlhf_jax.checkpoint import files_digest, tree_digest
 from rlhf_jax.loop import check_output_dir, fingerprint, StatefulBatches, TrainLoop
 from rlhf_jax.metrics import plot_curves, read_metrics
-from rlhf_jax.runs import load_bundle, load_params_into, params_of, save_bundle, write_summary
+from rlhf_jax.runs import (load_bundle, load_params_into, params_of, read_summary, save_bundle,
+                           write_summary, writing_dir)
 from rlhf_jax.scoring import POOLS, RewardScorer
 
 
@@ -65,6 +68,11 @@ class Config:
     wandb: bool = False
     """Also log to Weights & Biases (offline; needs ``pip install wandb``)."""
     seed: int = 0
+    seeds: int = 1
+    """Independent reward models (seeds ``seed``, ``seed + 1``, …: head initialisation and
+    data order), trained one after another into ``<workdir>/seed<s>/``; the workdir's
+    ``summary.json`` then gives each seed's held-out accuracies and their mean ± 95% CI, and
+    ``final/`` is the first seed's model. 1: one model in the workdir itself."""
     mesh: str | None = None
     """Device mesh, e.g. ``data=2,fsdp=4`` (axes ``data``, ``fsdp``, ``tensor``: parameters and
     optimizer state sharded over ``fsdp``, batches over ``data × fsdp``); None: every device on
@@ -73,7 +81,7 @@ class Config:
     def errors(self) -> list[str]:
         return (parallel.mesh_errors(self.mesh)
                 + common.positive(self, "max_len", "batch_size", "epochs", "checkpoint_every",
-                                  "log_every")
+                                  "log_every", "seeds")
                 + common.finite_positive(self, "learning_rate")
                 + common.one_of(self, "loss", ("ranking", "best_of_k"))
                 + common.one_of(self, "pool", POOLS)
@@ -149,10 +157,42 @@ def pairwise_accuracy(scores_nk: np.ndarray, order_nk: np.ndarray, higher_is_bet
     return float(agree[untied].mean())
 
 
+ACCURACIES = ("eval/accuracy_vs_labeler", "eval/accuracy_vs_gold", "train/accuracy_vs_labeler",
+              "train/accuracy_vs_gold")
+
+
 def train(cfg: Config) -> dict:
+    """Trains (or resumes) the reward model, or ``cfg.seeds`` of them; returns the summary."""
+    common.check(cfg, cfg.errors())
+    return train_seeds(cfg) if cfg.seeds > 1 else _train(cfg)
+
+
+def train_seeds(cfg: Config) -> dict:
+    """``cfg.seeds`` reward models, one after another (a finished seed is kept), and the
+    summary of their held-out accuracies: per seed, and mean ± 95% CI (whose means are also the
+    summary's top-level figures, so the pipeline's headline reads them)."""
+    workdir = check_output_dir("reward-seeds", cfg.workdir)
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    runs = []
+    for s in seeds:
+        one = dataclasses.replace(cfg, seed=s, seeds=1, workdir=str(workdir / f"seed{s}"))
+        runs.append(read_summary(one.workdir) or _train(one))
+    per_seed = [{k: r[k] for k in ACCURACIES if k in r} for r in runs]
+    across = stats.summarize_seeds(per_seed)
+    summary = {"stage": "reward-seeds", "seeds": seeds, "per_seed": per_seed, "reward": across,
+               **{k: v["mean"] for k, v in across.items()}, "config": dataclasses.asdict(cfg)}
+    with writing_dir(workdir / "final") as tmp:
+        shutil.copytree(workdir / f"seed{seeds[0]}" / "final", tmp, dirs_exist_ok=True)
+    write_summary(workdir, summary)
+    for k, v in across.items():
+        print(f"[reward] {k}: {v['mean']:.3f} ± {v['half_width']:.3f} (95% CI, {len(seeds)} "
+              f"seeds: {[round(x, 3) for x in v['values']]})")
+    return summary
+
+
+def _train(cfg: Config) -> dict:
     from rlhf_jax.data import batching, comparisons  # grain/TFDS: only needed to train
 
-    common.check(cfg, cfg.errors())
     workdir = check_output_dir("reward", cfg.workdir)
     mesh = parallel.make_mesh(spec=cfg.mesh)
     rm, mcfg, tok, _ = load_bundle(cfg.sft_dir, kind="scalar", compute_dtype=cfg.compute_dtype)

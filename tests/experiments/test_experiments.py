@@ -180,6 +180,7 @@ INVALID = [
     (reward, dict(pool="max"), "pool='max'"),
     (reward, dict(epochs=0), "epochs=0"),
     (reward, dict(learning_rate=float("inf")), "learning_rate=inf"),
+    (reward, dict(seeds=0), "seeds=0"),
     (collect, dict(labeler="crowd"), "labeler='crowd'"),
     (collect, dict(temperatures=(0.0,), policies=("a", "b")), "temperatures"),
     (collect, dict(policies=("a",), temperatures=(1.0,)), "at least 2 responses"),
@@ -283,3 +284,28 @@ def test_grpo_stage_runs_vmapped_seeds_and_saves_the_first(tiny_run, tmp_path):
                                          nnx.state(policy), nnx.state(sft_model)))
     assert max(moved) > 0
     assert "| rloo response |" in (tmp_path / "grpo" / "samples.md").read_text()
+
+
+def test_reward_seeds_are_trained_apart_and_summarised(tiny_run, tmp_path):
+    """``--seeds 2`` trains two reward models from the same SFT model and comparisons, each in
+    its own folder; the summary's mean ± CI is over their held-out accuracies, and ``final/`` is
+    the first seed's model."""
+    cfg, _ = tiny_run
+    rcfg = pipeline.stage_configs(cfg)["reward"]
+    scfg = dataclasses.replace(rcfg, workdir=str(tmp_path / "rm"), seeds=2, seed=4)
+    summary = reward.train(scfg)
+    assert summary["seeds"] == [4, 5] and len(summary["per_seed"]) == 2
+    acc = [p["eval/accuracy_vs_labeler"] for p in summary["per_seed"]]
+    across = summary["reward"]["eval/accuracy_vs_labeler"]
+    assert across["n"] == 2 and across["values"] == acc
+    assert summary["eval/accuracy_vs_labeler"] == pytest.approx(np.mean(acc))
+    seed4, seed5 = (load_bundle(tmp_path / "rm" / f"seed{s}" / "final", kind="scalar")[0]
+                    for s in (4, 5))
+    final = load_bundle(tmp_path / "rm" / "final", kind="scalar")[0]
+    for a, b in zip(jax.tree.leaves(params_of(final)), jax.tree.leaves(params_of(seed4))):
+        np.testing.assert_array_equal(a, b)
+    diff = [float(np.abs(a - b).max()) for a, b in
+            zip(jax.tree.leaves(params_of(seed4)), jax.tree.leaves(params_of(seed5)))]
+    assert max(diff) > 0  # two seeds, two models
+    # Re-running keeps both finished seeds and gives the same summary.
+    assert reward.train(scfg)["per_seed"] == summary["per_seed"]
