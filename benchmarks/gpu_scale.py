@@ -115,21 +115,31 @@ def update_flops(c: Case) -> float:
     return c.epochs * (2 * body + head)
 
 
+def ppo_config(c: Case, **changes) -> ppo.PPOConfig:
+    """The benchmark's PPO hyper-parameters for case ``c`` (fixed β, temperature 0.7)."""
+    return dataclasses.replace(ppo.PPOConfig(), batch_size=c.batch, query_len=c.query,
+                               response_len=c.response, ppo_epochs=c.epochs,
+                               num_minibatches=c.minibatches, temperature=0.7, kl_coef=0.05,
+                               adaptive_kl=False, iterations=1000, **changes)
+
+
+def sampling(c: Case, pad: int) -> SamplingConfig:
+    """Fixed-length responses (no stop token) at the benchmark's temperature."""
+    return SamplingConfig(max_new_tokens=c.response, temperature=0.7, pad_id=pad,
+                          min_new_tokens=c.response)
+
+
 def ppo_case(c: Case, reps: int, mesh, dtype: str) -> dict:
     seq = max(c.model.max_seq_len, c.query + c.response + 1)
     mcfg = c.model.replace(compute_dtype=dtype, max_seq_len=seq)
-    pcfg = dataclasses.replace(ppo.PPOConfig(), batch_size=c.batch, query_len=c.query,
-                               response_len=c.response, ppo_epochs=c.epochs,
-                               num_minibatches=c.minibatches, temperature=0.7, kl_coef=0.05,
-                               adaptive_kl=False, iterations=1000)
+    pcfg = ppo_config(c)
     policy = Transformer(mcfg, rngs=nnx.Rngs(params=0))
     rm = ScalarModel(mcfg, head_init="reward", rngs=nnx.Rngs(params=1))
     critic = ScalarModel(mcfg, head_init="value", rngs=nnx.Rngs(params=2))
     lm_def, ref = nnx.split(policy)
     pad = mcfg.vocab_size - 1
     tx = ppo.make_optimizer(pcfg)
-    scfg = SamplingConfig(max_new_tokens=c.response, temperature=0.7, pad_id=pad,
-                          min_new_tokens=c.response)
+    scfg = sampling(c, pad)
     program = ppo.make_ppo(pcfg, lm_def, nnx.graphdef(critic), RewardScorer(nnx.graphdef(rm), pad),
                            tx, scfg, mesh=mesh)
     state = parallel.shard(ppo.init_state(pcfg, policy, critic, tx), mesh)

@@ -60,12 +60,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from flax import nnx  # noqa: E402
-from gpu_scale import Case, TINY_LLAMA  # noqa: E402  (benchmarks/gpu_scale.py)
+from gpu_scale import Case, ppo_config, sampling, TINY_LLAMA  # noqa: E402  (benchmarks/)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rlhf_jax import lora_ppo, parallel, ppo  # noqa: E402
-from rlhf_jax.generation import SamplingConfig  # noqa: E402
 from rlhf_jax.models import lora  # noqa: E402
 from rlhf_jax.models.config import ModelConfig  # noqa: E402
 from rlhf_jax.models.heads import ScalarHead, ScalarModel  # noqa: E402
@@ -110,13 +109,6 @@ def default_setting(tiny: bool, remat: bool = False, batch: int = 64) -> Setting
     return Setting(Case("gpu", TINY_LLAMA, batch, 64, 64, 4, 2), remat=remat)
 
 
-def _ppo_config(c: Case) -> ppo.PPOConfig:
-    return dataclasses.replace(
-        ppo.PPOConfig(), batch_size=c.batch, query_len=c.query, response_len=c.response,
-        ppo_epochs=c.epochs, num_minibatches=c.minibatches, temperature=0.7, kl_coef=0.05,
-        adaptive_kl=False, iterations=1000, value_head_on_policy=True)
-
-
 def _cast(module: nnx.Module, dtype: str) -> None:
     nnx.update(module, parallel.cast_floats(nnx.state(module), dtype))
 
@@ -128,11 +120,10 @@ def build(method: str, mcfg: ModelConfig, s: Setting, mesh, concrete: bool = Fal
     c = s.case
     mcfg = mcfg.replace(compute_dtype=s.compute_dtype, remat=s.remat,
                         max_seq_len=max(mcfg.max_seq_len, c.query + c.response + 1))
-    pcfg = _ppo_config(c)
+    pcfg = ppo_config(c, value_head_on_policy=True)
     tx = ppo.make_optimizer(pcfg)
     pad = mcfg.vocab_size - 1
-    scfg = SamplingConfig(max_new_tokens=c.response, temperature=0.7, pad_id=pad,
-                          min_new_tokens=c.response)
+    scfg = sampling(c, pad)
     box = {}
 
     def init():
