@@ -11,7 +11,12 @@ positive reviews, judged by the IMDB gold sentiment scorer (evaluation and simul
 2. **collect**: the SFT model and the untouched base each answer training and held-out prompts at
    two temperatures (K = 4); the simulated labeler ranks the four (Bradley–Terry noise on gold).
 3. **reward**: the frozen SFT model + its own adapters + a scalar head, Bradley–Terry loss over
-   every ranked pair; scores normalised to mean 0, std 1 on the SFT samples.
+   every ranked pair; scores normalised to mean 0, std 1 on the SFT samples. The default
+   (``reward.method="head"``) leaves the adapters at zero and fits only the head, on the
+   mean-pooled states of the middle layer (``reward.layer=15`` of 30) computed once per response,
+   to convergence with a cross-validated L2 penalty (:mod:`rlhf_jax.reward_head`): one epoch of
+   adapter training on a few hundred prompts left the first run's reward model at chance.
+   ``reward.method="lora"`` trains adapters and head by Adam instead.
 4. **ppo**: policy = SFT model + fresh adapters + a value head on its hidden states; reference =
    the same weights with the adapters off (the SFT model, not a copy); reward model = the same
    weights + the reward adapters; adaptive KL controller (:mod:`rlhf_jax.lora_ppo`).
@@ -92,7 +97,7 @@ class SftConfig:
 @dataclasses.dataclass(frozen=True)
 class CollectConfig:
     """Stage 2: comparisons from the SFT model and the base at two temperatures."""
-    train_prompts: int = 128
+    train_prompts: int = 384
     eval_prompts: int = 64
     temperatures: tuple[float, ...] = (0.7, 1.0)
     labeler_temperature: float = 0.5
@@ -106,9 +111,20 @@ class CollectConfig:
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
     """Stage 3: the reward model = frozen SFT model + its own adapters + a scalar head."""
+    method: str = "lora"
+    """``lora``: adapters and head trained by Adam for ``epochs``; ``head``: the adapters stay at
+    zero and only the head is fitted, to convergence, on pooled features computed once, with
+    its L2 penalty chosen by cross-validation (:mod:`rlhf_jax.reward_head`)."""
+    layer: int | None = None
+    """The head reads the hidden states after this many blocks (None: the last)."""
+    l2_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+    """``head``: penalties tried (for standardised features)."""
+    cv_folds: int = 4
+    """``head``: folds over prompts for choosing the penalty."""
     epochs: int = 1
+    """``lora``: passes over the training comparisons."""
     batch_size: int = 8
-    """Prompts per step (each with its K responses)."""
+    """Prompts per step (each with its K responses); also the scoring batch."""
     max_len: int = 81
     """Tokens of prompt + response + EOS (``query_len + response_len + 1`` fits all)."""
     pool: str = "last"
@@ -165,10 +181,12 @@ class Config:
     seed: int = 0
     sft: SftConfig = SftConfig()
     collect: CollectConfig = CollectConfig()
-    reward: RewardConfig = RewardConfig()
+    reward: RewardConfig = RewardConfig(method="head", layer=15, pool="mean")
+    """SmolLM2-135M has 30 blocks; its middle layer's mean-pooled states predicted the labeler
+    best among layers 0, 5, …, 30 in cross-validation on the first run's comparisons."""
     ppo: PpoConfig = PpoConfig(
         iterations=24, batch_size=16, query_len=48, response_len=32, temperature=0.7,
-        ppo_epochs=2, num_minibatches=2, learning_rate=2e-4, kl_coef=0.05, kl_target=6.0,
+        ppo_epochs=2, num_minibatches=2, learning_rate=5e-4, kl_coef=0.05, kl_target=6.0,
         kl_horizon=500.0)
 
     @property
@@ -187,8 +205,14 @@ class Config:
                                   "checkpoint_every")
                 + common.positive(self.ppo, "eval_prompts", "eval_every", "checkpoint_every")
                 + common.one_of(self.reward, "pool", POOLS)
+                + common.one_of(self.reward, "method", ("lora", "head"))
                 + common.one_of(self, "compute_dtype", ("float32", "bfloat16"))
                 + [f"ppo.{e}" for e in self.ppo.ppo_errors()])
+        if self.reward.cv_folds < 2 or not self.reward.l2_grid or min(self.reward.l2_grid) < 0:
+            errs.append(f"reward.cv_folds={self.reward.cv_folds}, reward.l2_grid="
+                        f"{self.reward.l2_grid}: expected >= 2 folds and penalties >= 0")
+        if self.reward.layer is not None and self.reward.layer < 0:
+            errs.append(f"reward.layer={self.reward.layer}: expected >= 0 or None")
         if not self.ppo.value_head_on_policy:
             errs.append("ppo.value_head_on_policy=False: LoRA PPO's critic is a value head on "
                         "the policy")
@@ -211,7 +235,8 @@ PRESETS: dict[str, Config] = {
                       checkpoint_every=3, log_every=2, learning_rate=3e-3),
         collect=CollectConfig(train_prompts=16, eval_prompts=8, gold_train_texts=2000,
                               batch_size=16),
-        reward=RewardConfig(epochs=2, batch_size=8, max_len=89, checkpoint_every=2, log_every=1),
+        reward=RewardConfig(method="head", layer=1, pool="mean", epochs=2, batch_size=8,
+                            max_len=89, checkpoint_every=2, log_every=1),
         ppo=PpoConfig(iterations=4, batch_size=8, query_len=80, response_len=8, ppo_epochs=2,
                       num_minibatches=2, eval_prompts=8, eval_every=2, checkpoint_every=2,
                       learning_rate=1e-3, kl_target=6.0)),
@@ -456,22 +481,35 @@ def train_collect(cfg: Config, base: Base, sft: Transformer, sft_hash: str, task
 # Stage 3: reward model
 
 
-def reward_model(cfg: Config, sft: Transformer):
+def reward_model(cfg: Config, sft: Transformer, layer: int | None = None):
     """The reward model on the SFT model's weights (shared, not copied): fresh adapters + a
-    reward head."""
-    return lora.scalar_model_on_base(sft, cfg.lora, rngs=nnx.Rngs(params=cfg.seed + 1))
+    reward head reading the hidden states after block ``layer`` (None: the last)."""
+    return lora.scalar_model_on_base(sft, cfg.lora, rngs=nnx.Rngs(params=cfg.seed + 1),
+                                     layer=layer)
+
+
+def _joined_scores(scorer: RewardScorer, prefix, method: str):
+    """``fn(trainable, base, tokens_bkt, mask_bkt, response_mask_bkt) -> [B, K, ...]``: the
+    scorer's ``method`` (``score_tokens`` or ``pooled_features``) over comparison batches."""
+
+    def fn(trainable, base, tokens_bkt, mask_bkt, response_mask_bkt):
+        b, k, t = tokens_bkt.shape
+        state = lora.join(trainable["lora"], base, trainable["rest"], prefix)
+        flat = [x.reshape(b * k, t) for x in (tokens_bkt, mask_bkt, response_mask_bkt)]
+        out = getattr(scorer, method)(state, *flat)
+        return out.reshape(b, k, *out.shape[1:])
+
+    return fn
 
 
 def make_reward_steps(parts: lora.LoraSplit, tx, eos_id: int, pool: str):
-    """``(train_step(trainable, opt_state, base, batch), score_fn((trainable, base), t, m, r))``
-    over ``[B, K, T]`` comparison batches; ``trainable = {"lora", "rest"}``."""
+    """``(train_step(trainable, opt_state, base, batch), score_fn((trainable, base), t, m, r),
+    feature_fn((trainable, base), t, m, r))`` over ``[B, K, T]`` comparison batches;
+    ``trainable = {"lora", "rest"}``. ``feature_fn`` gives the pooled hidden states ``[B, K, D]``
+    the head reads."""
     scorer = RewardScorer(parts.graphdef, eos_id, pool)
-
-    def scores(trainable, base, tokens_bkt, mask_bkt, response_mask_bkt):
-        b, k, t = tokens_bkt.shape
-        state = lora.join(trainable["lora"], base, trainable["rest"], parts.prefix)
-        flat = [x.reshape(b * k, t) for x in (tokens_bkt, mask_bkt, response_mask_bkt)]
-        return scorer.score_tokens(state, *flat).reshape(b, k)
+    scores = _joined_scores(scorer, parts.prefix, "score_tokens")
+    features = _joined_scores(scorer, parts.prefix, "pooled_features")
 
     def loss_fn(trainable, base, batch):
         r_bk = scores(trainable, base, batch["tokens"], batch["mask"], batch["response_mask"])
@@ -484,16 +522,17 @@ def make_reward_steps(parts: lora.LoraSplit, tx, eos_id: int, pool: str):
         return optax.apply_updates(trainable, updates), opt_state, m
 
     return (jax.jit(train_step, donate_argnums=(0, 1)),
-            jax.jit(lambda p, t, m, r: scores(p[0], p[1], t, m, r)))
+            jax.jit(lambda p, t, m, r: scores(p[0], p[1], t, m, r)),
+            jax.jit(lambda p, t, m, r: features(p[0], p[1], t, m, r)))
 
 
 def train_reward(cfg: Config, base: Base, sft: Transformer, sft_hash: str, mesh) -> dict:
-    from rlhf_jax.data import batching, comparisons
+    from rlhf_jax.data import comparisons
 
     rcfg, root = cfg.reward, Path(cfg.root)
     workdir = check_output_dir("chat/reward", root / "reward")
     tok = base.tokenizer
-    rm = reward_model(cfg, sft)
+    rm = reward_model(cfg, sft, rcfg.layer)
     parts = lora.split(rm)
     files = [f for fs in comparisons.split_files(root / "collect").values() for f in fs]
     fp = fingerprint(rcfg, ("epochs",), {"comparisons": files_digest(files), "sft": sft_hash})
@@ -501,35 +540,17 @@ def train_reward(cfg: Config, base: Base, sft: Transformer, sft_hash: str, mesh)
                         compute_dtype=cfg.compute_dtype)
     _, sources = comparisons.build_comparisons(root / "collect", str(workdir / "tfds"))
     comparisons.require_untied_pairs(sources["train"], f"{root / 'collect'}/train")
-    k = len(comparisons.decode_comparison(sources["train"][0])["responses"])
-    loader = StatefulBatches(batching.comparison_batches(
-        sources["train"], tok, max_len=rcfg.max_len, num_responses=k, overlong="truncate",
-        cfg=batching.LoaderConfig(rcfg.batch_size, seed=cfg.seed, num_epochs=None)))
-    steps = max(1, rcfg.epochs * len(sources["train"]) // rcfg.batch_size)
-    tx = _optimizer(rcfg.learning_rate, rcfg.warmup_steps, steps, rcfg.max_grad_norm)
     base_params = parallel.replicate(parts.base, mesh)
     trainable = parallel.replicate({"lora": parts.lora, "rest": parts.rest}, mesh)
-    opt_state = parallel.replicate(tx.init(trainable), mesh)
-    train_step, score_fn = make_reward_steps(parts, tx, tok.eos_id, rcfg.pool)
-    loop = TrainLoop("chat/reward", workdir, steps, checkpoint_every=rcfg.checkpoint_every,
-                     log_every=rcfg.log_every, show=("rm/loss", "rm/accuracy"),
-                     stop_after=rcfg.stop_after, config=cfg, fingerprint=fp)
-    trainable, opt_state = loop.restore((trainable, opt_state), data=loader)
-    for step in loop.steps():
-        b = batching.arrays_only(loader.next())
-        b = parallel.shard_batch({key: b[key] for key in ("tokens", "mask", "response_mask",
-                                                          "ranks", "valid")}, mesh)
-        trainable, opt_state, metrics = train_step(trainable, opt_state, base_params, b)
-        loop.check_finite(step, metrics, ("rm/loss", "rm/grad_norm"))
-        loop.log(step, metrics)
-        loop.end_step(step, (trainable, opt_state), data=loader)
-    loop.close()
-    if not loop.finished:
-        return {"stage": "reward", "stopped_at": loop.last}
+    fit = _fit_head if rcfg.method == "head" else _train_adapters
+    trainable, summary = fit(cfg, parts, trainable, base_params, sources, tok, mesh, workdir, fp)
+    if trainable is None:
+        return summary
 
     # Held-out accuracy, and normalisation on the SFT model's held-out samples (scoring the
     # training split too would cost as much as training on it).
-    summary = {"stage": "reward", "steps": steps, "config": dataclasses.asdict(rcfg)}
+    summary.update(stage="reward", config=dataclasses.asdict(rcfg))
+    _, score_fn, _ = make_reward_steps(parts, None, tok.eos_id, rcfg.pool)
     s, recs = reward_stage.score_split(score_fn, (trainable, base_params), sources["eval"], tok,
                                        rcfg, mesh)
     summary["eval/accuracy_vs_labeler"] = reward_stage.pairwise_accuracy(
@@ -547,18 +568,117 @@ def train_reward(cfg: Config, base: Base, sft: Transformer, sft_hash: str, mesh)
     nnx.update(rm, trainable["lora"])
     nnx.update(rm, trainable["rest"])
     _save_adapters(workdir / "adapters", rm, f"{root / 'sft' / 'adapters'} merged into "
-                   f"{base.path}", sft_hash, stage="reward", pool=rcfg.pool)
+                   f"{base.path}", sft_hash, stage="reward", pool=rcfg.pool,
+                   layer=rcfg.layer, method=rcfg.method)
     summary["normalization"] = {"before_mean": float(ref.mean()), "before_std": float(ref.std()),
                                 "gain": float(gain), "bias": float(bias)}
-    rows = read_metrics(workdir / "metrics.jsonl")
-    plot_curves(rows, [("Bradley–Terry loss", "rm/loss"), ("train pair accuracy",
-                                                           "rm/accuracy")],
-                workdir / "reward.png", title="LoRA reward model")
     write_summary(workdir, summary)
     print(f"[chat/reward] held-out pair accuracy vs labeler "
           f"{summary['eval/accuracy_vs_labeler']:.3f}, vs gold "
           f"{summary['eval/accuracy_vs_gold']:.3f}")
     return summary
+
+
+def _train_adapters(cfg: Config, parts, trainable, base_params, sources, tok, mesh, workdir,
+                    fp) -> tuple:
+    """``method="lora"``: the adapters and the head trained by Adam over comparison batches
+    (resumable). ``(trainable, summary)``; ``(None, stopped)`` if stopped early."""
+    from rlhf_jax.data import batching, comparisons
+
+    rcfg = cfg.reward
+    k = len(comparisons.decode_comparison(sources["train"][0])["responses"])
+    loader = StatefulBatches(batching.comparison_batches(
+        sources["train"], tok, max_len=rcfg.max_len, num_responses=k, overlong="truncate",
+        cfg=batching.LoaderConfig(rcfg.batch_size, seed=cfg.seed, num_epochs=None)))
+    steps = max(1, rcfg.epochs * len(sources["train"]) // rcfg.batch_size)
+    tx = _optimizer(rcfg.learning_rate, rcfg.warmup_steps, steps, rcfg.max_grad_norm)
+    opt_state = parallel.replicate(tx.init(trainable), mesh)
+    train_step, _, _ = make_reward_steps(parts, tx, tok.eos_id, rcfg.pool)
+    loop = TrainLoop("chat/reward", workdir, steps, checkpoint_every=rcfg.checkpoint_every,
+                     log_every=rcfg.log_every, show=("rm/loss", "rm/accuracy"),
+                     stop_after=rcfg.stop_after, config=cfg, fingerprint=fp)
+    trainable, opt_state = loop.restore((trainable, opt_state), data=loader)
+    for step in loop.steps():
+        b = batching.arrays_only(loader.next())
+        b = parallel.shard_batch({key: b[key] for key in ("tokens", "mask", "response_mask",
+                                                          "ranks", "valid")}, mesh)
+        trainable, opt_state, metrics = train_step(trainable, opt_state, base_params, b)
+        loop.check_finite(step, metrics, ("rm/loss", "rm/grad_norm"))
+        loop.log(step, metrics)
+        loop.end_step(step, (trainable, opt_state), data=loader)
+    loop.close()
+    if not loop.finished:
+        return None, {"stage": "reward", "stopped_at": loop.last}
+    plot_curves(read_metrics(workdir / "metrics.jsonl"),
+                [("Bradley–Terry loss", "rm/loss"), ("train pair accuracy", "rm/accuracy")],
+                workdir / "reward.png", title="LoRA reward model")
+    return trainable, {"steps": steps}
+
+
+def _fit_head(cfg: Config, parts, trainable, base_params, sources, tok, mesh, workdir,
+              fp) -> tuple:
+    """``method="head"``: the backbone and adapters stay frozen (the adapters at their zero
+    start, so the reward model is the SFT model + the head); the head is fitted on pooled
+    features of every training response, computed once and kept in ``features.npz``
+    (a re-run after a kill reuses them), with the L2 penalty chosen by cross-validation
+    (:mod:`rlhf_jax.reward_head`)."""
+    from rlhf_jax import reward_head
+
+    rcfg = cfg.reward
+    path = workdir / "features.npz"
+    guard_outputs("chat/reward", workdir, fp, [path])
+    if path.exists():
+        with np.load(path) as f:
+            x, ranks, valid = f["features"], f["ranks"], f["valid"]
+        print(f"[chat/reward] features of {x.shape[0]} x {x.shape[1]} responses read from {path}")
+    else:
+        _, _, feature_fn = make_reward_steps(parts, None, tok.eos_id, rcfg.pool)
+        t0 = time.perf_counter()
+        x, recs = reward_stage.score_split(feature_fn, (trainable, base_params), sources["train"],
+                                           tok, rcfg, mesh, progress="[chat/reward] features")
+        ranks = np.array([r["ranks"] for r in recs], np.int32)
+        valid = np.ones(ranks.shape, bool)
+        tmp = path.with_name(".features.npz.tmp")  # written whole: a kill leaves none
+        with open(tmp, "wb") as f:
+            np.savez(f, features=x, ranks=ranks, valid=valid)
+        tmp.replace(path)
+        print(f"[chat/reward] pooled features {x.shape} in {time.perf_counter() - t0:.0f}s")
+    fitted = reward_head.cross_validated_head(x, ranks, valid, l2_grid=rcfg.l2_grid,
+                                              folds=rcfg.cv_folds, seed=cfg.seed)
+    print(f"[chat/reward] L2 {fitted.l2:g} chosen by {rcfg.cv_folds}-fold cross-validation "
+          f"(held-out pair accuracy vs labeler " +
+          ", ".join(f"{c['l2']:g}: {c['accuracy']:.3f}" for c in fitted.cv) + ")")
+    head = nnx.to_pure_dict(jax.device_get(trainable["rest"]))
+    head["head"]["w"], head["head"]["b"] = fitted.w, np.float32(fitted.b)
+    rest = jax.device_get(trainable["rest"])
+    nnx.replace_by_pure_dict(rest, head)
+    trainable = dict(trainable, rest=parallel.replicate(rest, mesh))
+    _plot_cv(fitted, workdir / "reward.png")
+    return trainable, {"features": list(x.shape), "l2": fitted.l2, "cv": fitted.cv,
+                       "train/loss": fitted.train_loss,
+                       "train/accuracy_vs_labeler": fitted.train_accuracy}
+
+
+def _plot_cv(fitted, path: Path) -> None:
+    """Held-out Bradley–Terry loss and pair accuracy against the L2 penalty."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    l2 = [c["l2"] for c in fitted.cv]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, label in ((axes[0], "loss", "held-out Bradley–Terry loss"),
+                           (axes[1], "accuracy", "held-out pair accuracy vs labeler")):
+        ax.plot(l2, [c[key] for c in fitted.cv], "o-")
+        ax.axvline(fitted.l2, color="k", ls=":", label=f"chosen {fitted.l2:g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("L2 penalty")
+        ax.set_title(label)
+        ax.legend()
+    fig.suptitle("Reward head on frozen features: cross-validation over prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -572,8 +692,9 @@ def train_ppo(cfg: Config, base: Base, sft: Transformer, sft_hash: str, task, me
     workdir = check_output_dir("chat/ppo", root / "ppo")
     tok = base.tokenizer
     reward_dir = root / "reward" / "adapters"
-    rm = lora.load_adapters(reward_dir, reward_model(cfg, sft), base_path="the SFT model")
-    pool = json.loads((reward_dir / "notes.json").read_text())["pool"]
+    notes = json.loads((reward_dir / "notes.json").read_text())  # how the reward model reads
+    pool, layer = notes["pool"], notes.get("layer")
+    rm = lora.load_adapters(reward_dir, reward_model(cfg, sft, layer), base_path="the SFT model")
     policy = lora.apply_lora(lora.base_model(sft), cfg.lora, rngs=nnx.Rngs(params=cfg.seed + 2))
     setup = lora_ppo.setup(policy, rm, tok.eos_id, pool)
     head = ScalarHead(base.cfg.d_model, init="value", rngs=nnx.Rngs(params=cfg.seed))

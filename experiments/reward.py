@@ -127,8 +127,11 @@ def make_steps(graphdef, tx, loss: str, pool: str = "last", eos_id: int = 0, mes
     return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(scores)
 
 
-def score_split(score_fn, params, source, tok, cfg: Config, mesh) -> tuple[np.ndarray, list]:
-    """RM scores ``[N, K]`` of every example of a comparisons split, in order, and the records."""
+def score_split(score_fn, params, source, tok, cfg: Config, mesh,
+                progress: str | None = None) -> tuple[np.ndarray, list]:
+    """RM scores ``[N, K]`` of every example of a comparisons split, in order, and the records
+    (``score_fn`` may return more axes, e.g. features ``[B, K, D]``). ``progress``: a label for a
+    progress bar."""
     from rlhf_jax.data import batching, comparisons
     n_dev = parallel.batch_devices(mesh)
     bs = max(n_dev, cfg.batch_size - cfg.batch_size % n_dev)
@@ -137,6 +140,9 @@ def score_split(score_fn, params, source, tok, cfg: Config, mesh) -> tuple[np.nd
                                                               drop_remainder=False,
                                                               shard_by_process=False))
     out = []
+    if progress:
+        from tqdm.auto import tqdm
+        b = tqdm(b, desc=progress, total=-(-len(source) // bs), dynamic_ncols=True)
     for batch in b:
         x = batching.arrays_only(batch)
         n = len(x["tokens"])

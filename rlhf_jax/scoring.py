@@ -100,6 +100,23 @@ def pool_scores(values_bt: Array, mask_bt: Array, response_mask_bt: Array, pool:
     raise ValueError(f"pool={pool!r}; expected one of {POOLS}")
 
 
+def pool_features(hidden_btd: Array, mask_bt: Array, response_mask_bt: Array, pool: str) -> Array:
+    """Hidden states ``[B, T, D]`` pooled to ``[B, D]`` as :func:`pool_scores` pools scalars: for a
+    linear head, ``head(pool_features(h)) == pool_scores(head(h))``, so a head can be fitted on
+    pooled features computed once (:mod:`rlhf_jax.reward_head`)."""
+    check_shapes("pool_features", [("hidden_btd", hidden_btd, "BTD"), ("mask_bt", mask_bt, "BT"),
+                                   ("response_mask_bt", response_mask_bt, "BT")])
+    if pool == "last":
+        pos = jnp.arange(hidden_btd.shape[1])[None, :]
+        last = jnp.max(jnp.where(mask_bt.astype(bool), pos, 0), axis=1)
+        return jnp.take_along_axis(hidden_btd, last[:, None, None], axis=1)[:, 0]
+    if pool == "mean":
+        w_bt = response_mask_bt.astype(jnp.float32)
+        return (jnp.einsum("btd,bt->bd", hidden_btd, w_bt)
+                / jnp.maximum(jnp.sum(w_bt, axis=1), 1.0)[:, None])
+    raise ValueError(f"pool={pool!r}; expected one of {POOLS}")
+
+
 def append_eos(resp_bt: Array, resp_mask_bt: Array, eos_id: int) -> tuple[Array, Array]:
     """``(response [B, Tr+1], mask)`` with an EOS after the last real token of each response that
     does not already contain one (the reward model's training format)."""
@@ -138,6 +155,14 @@ class RewardScorer:
         values_bt = nnx.merge(self.graphdef, params)(tokens_bt, positions_from_mask(mask_bt),
                                                      mask_bt)
         return pool_scores(values_bt, mask_bt, response_mask_bt, self.pool)
+
+    def pooled_features(self, params, tokens_bt: Array, mask_bt: Array,
+                        response_mask_bt: Array) -> Array:
+        """``[B, D]``: the hidden states the head reads, pooled like its scores (the head's input
+        for :mod:`rlhf_jax.reward_head`)."""
+        model = nnx.merge(self.graphdef, params)
+        hidden = model.features(tokens_bt, positions_from_mask(mask_bt), mask_bt)
+        return pool_features(hidden, mask_bt, response_mask_bt, self.pool)
 
     def __call__(self, params, prompt_bt: Array, prompt_mask_bt: Array, resp_bt: Array,
                  resp_mask_bt: Array) -> Array:

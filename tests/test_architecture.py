@@ -26,7 +26,8 @@ LAYERS = [
     # 3: what runs models: the sampler, scoring, model bundles, the training loop
     {"rlhf_jax.generation", "rlhf_jax.scoring", "rlhf_jax.runs", "rlhf_jax.loop"},
     # 4: algorithms and tasks
-    {"rlhf_jax.ppo", "rlhf_jax.dpo", "rlhf_jax.best_of_n", "rlhf_jax.tasks"},
+    {"rlhf_jax.ppo", "rlhf_jax.dpo", "rlhf_jax.best_of_n", "rlhf_jax.reward_head",
+     "rlhf_jax.tasks"},
     # 5: algorithm variants built on those (PPO with LoRA adapters; RLOO/GRPO on PPO's pieces)
     {"rlhf_jax.lora_ppo", "rlhf_jax.grpo"},
     # 6: applications

@@ -7,6 +7,7 @@ nothing else. Slow: the tiny chat pipeline end to end, and stopped + resumed == 
 import dataclasses
 import json
 from pathlib import Path
+import shutil
 
 from flax import nnx
 import jax
@@ -147,6 +148,46 @@ def test_lora_sft_step_trains_the_adapters_only(tok):
     assert jax.tree.structure(adapters) == jax.tree.structure(parts.lora)
 
 
+def test_lora_reward_step_trains_adapters_and_head_only_and_features_match_scores(tok):
+    """``reward.method="lora"`` trains adapters + head on [B, K, T] rankings; the features the
+    ``head`` method fits on give the same scores through the head."""
+    mcfg = chat.common.MODELS["tiny-llama"].replace(vocab_size=tok.vocab_size)
+    cfg = chat.PRESETS["tiny"]
+    rm = chat.reward_model(cfg, Transformer(mcfg, rngs=nnx.Rngs(params=0)), layer=1)
+    parts = lora.split(rm)
+    rng = np.random.default_rng(0)
+    b, k, t = 4, 3, 12
+    batch = {"tokens": jnp.asarray(rng.integers(3, tok.vocab_size, (b, k, t))),
+             "mask": jnp.ones((b, k, t), bool),
+             "response_mask": jnp.asarray(np.arange(t) >= 6)[None, None].repeat(b, 0).repeat(k, 1),
+             "ranks": jnp.asarray(np.argsort(rng.normal(size=(b, k)), 1)),
+             "valid": jnp.ones((b, k), bool)}
+    tx = chat._optimizer(3e-3, 1, 10, 1.0)
+    train_step, score_fn, feature_fn = chat.make_reward_steps(parts, tx, tok.eos_id, "mean")
+    trainable = {"lora": parts.lora, "rest": parts.rest}
+    args = (batch["tokens"], batch["mask"], batch["response_mask"])
+    scores = score_fn((trainable, parts.base), *args)
+    feats = feature_fn((trainable, parts.base), *args)
+    assert feats.shape == (b, k, mcfg.d_model)
+    np.testing.assert_allclose(rm.head(feats), scores, atol=1e-5)
+    start = float(losses.ranking_loss(scores, batch["ranks"], batch["valid"])[0])
+    before = jax.tree.map(np.array, (trainable, parts.base))
+    opt_state = tx.init(trainable)
+    for _ in range(3):
+        trainable, opt_state, m = train_step(trainable, opt_state, parts.base, batch)
+    assert float(m["rm/loss"]) < start
+    moved = {jax.tree_util.keystr(path): float(np.abs(np.asarray(x) - y).max())
+             for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(trainable),
+                                     jax.tree.leaves(before[0])) if x.size > 1}
+    # Adapters of block 0 and the head's weights learn; block 1 lies above the layer the head
+    # reads, is never run, and gets no gradient.
+    above = [p for p in moved if "'blocks'][1]" in p]
+    assert above and all(moved[p] == 0 for p in above), moved
+    assert all(v > 0 for p, v in moved.items() if p not in above), moved
+    for x, y in zip(jax.tree.leaves(parts.base), jax.tree.leaves(before[1])):
+        np.testing.assert_array_equal(np.asarray(x), y)
+
+
 # ------------------------------------------------------------------------------------------------
 # The tiny pipeline end to end (slow: about eight small programs compile per run).
 
@@ -218,6 +259,29 @@ def test_tiny_chat_pipeline_runs_end_to_end(chat_runs):
     again = chat.train(cfg)
     assert {k: v for k, v in again.items() if k != "peak_rss_mib"} == \
         {k: v for k, v in s.items() if k != "peak_rss_mib"}
+
+
+@pytest.mark.slow
+def test_the_lora_reward_model_runs_through_ppo(chat_runs, tmp_path):
+    """``reward.method="lora"`` (the tiny preset fits a head): on the same SFT model and
+    comparisons, adapters are trained, saved with their method, and PPO reads them."""
+    cfg = chat_runs[0]
+    for name in ("sft", "collect"):
+        shutil.copytree(Path(cfg.root) / name, tmp_path / name)
+    run = dataclasses.replace(
+        cfg, root=str(tmp_path), reward=dataclasses.replace(cfg.reward, method="lora",
+                                                            layer=None, pool="last"),
+        ppo=dataclasses.replace(cfg.ppo, iterations=2, eval_every=2, hf_export=False))
+    s = chat.train(run)
+    rm = json.loads((tmp_path / "reward" / "summary.json").read_text())
+    assert rm["steps"] == cfg.reward.epochs * cfg.collect.train_prompts // cfg.reward.batch_size
+    notes = json.loads((tmp_path / "reward" / "adapters" / "notes.json").read_text())
+    assert notes["method"] == "lora" and notes["layer"] is None and notes["pool"] == "last"
+    rows = [json.loads(x) for x in open(tmp_path / "reward" / "metrics.jsonl")]
+    assert len(rows) >= 2 and all(np.isfinite(r["rm/loss"]) for r in rows)
+    _, leaves = _adapters(run)["reward"]
+    assert max(np.abs(x).max() for x in leaves) > 0
+    assert np.isfinite(s["ppo_gold_positive"])
 
 
 @pytest.mark.slow

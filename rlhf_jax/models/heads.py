@@ -57,12 +57,28 @@ class ScalarModel(nnx.Module):
 
     The backbone keeps its LM head (unused here) so its parameters mirror a :class:`Transformer`
     exactly and can be copied to and from one.
+
+    ``layer`` (static) makes the head read the hidden states after that many blocks instead of
+    the last: the blocks above it are kept (the parameters still mirror the Transformer, and a
+    reward model on a shared base holds no copy) but never run. Middle layers of a pretrained
+    LM often carry more linearly readable sentiment than its last, which is tuned to the next
+    token; a reward head on them also costs half the forward pass.
     """
 
-    def __init__(self, cfg: ModelConfig, *, head_init: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, head_init: str, rngs: nnx.Rngs,
+                 layer: int | None = None):
+        if layer is not None and not 0 <= layer <= cfg.num_layers:
+            raise ValueError(f"ScalarModel layer={layer}: expected 0..{cfg.num_layers} or None")
         self.cfg = cfg
+        self.layer = layer
         self.backbone = Transformer(cfg, rngs=rngs)
         self.head = ScalarHead(cfg.d_model, init=head_init, rngs=rngs)
+
+    def features(self, tokens_bt, positions_bt, attention_mask_bt) -> jax.Array:
+        """``[B, T, D]`` f32 hidden states the head reads (after block ``layer``, normed)."""
+        _, hidden_btd, _ = self.backbone(tokens_bt, positions_bt, attention_mask_bt,
+                                         compute_logits=False, num_layers=self.layer)
+        return hidden_btd
 
     def __call__(self, tokens_bt, positions_bt, attention_mask_bt) -> jax.Array:
         """Scalars for every token.
@@ -73,9 +89,7 @@ class ScalarModel(nnx.Module):
         Returns:
           ``[B, T]`` f32; position ``t`` scores the prefix ending at token ``t``.
         """
-        _, hidden_btd, _ = self.backbone(tokens_bt, positions_bt, attention_mask_bt,
-                                         compute_logits=False)
-        return self.head(hidden_btd)
+        return self.head(self.features(tokens_bt, positions_bt, attention_mask_bt))
 
     @classmethod
     def from_lm(cls, lm: Transformer, head_init: str, rngs: nnx.Rngs) -> "ScalarModel":

@@ -328,7 +328,7 @@ def base_model(model: nnx.Module) -> Transformer:
 
 
 def scalar_model_on_base(model: nnx.Module, lcfg: LoraConfig, *, rngs: nnx.Rngs,
-                         head_init: str = "reward") -> ScalarModel:
+                         head_init: str = "reward", layer: int | None = None) -> ScalarModel:
     """A LoRA scalar model (reward model or critic) on ``model``'s base: the backbone is the
     base's arrays (shared, not copied) with fresh adapters, plus a new :class:`ScalarHead`.
 
@@ -337,9 +337,11 @@ def scalar_model_on_base(model: nnx.Module, lcfg: LoraConfig, *, rngs: nnx.Rngs,
       lcfg: the scalar model's own adapters.
       rngs: draws the adapters' ``A`` and a reward head's weights.
       head_init: ``"reward"`` or ``"value"`` (see :class:`ScalarHead`).
+      layer: the head reads the hidden states after this many blocks (:class:`ScalarModel`).
     """
     cfg = backbone(model)[1].cfg
-    scalar = nnx.eval_shape(lambda: ScalarModel(cfg, head_init=head_init, rngs=nnx.Rngs(0)))
+    scalar = nnx.eval_shape(lambda: ScalarModel(cfg, head_init=head_init, rngs=nnx.Rngs(0),
+                                                layer=layer))
     scalar.backbone = base_model(model)
     scalar.head = ScalarHead(cfg.d_model, init=head_init, rngs=rngs)
     return apply_lora(scalar, lcfg, rngs=rngs)

@@ -321,7 +321,7 @@ class Transformer(nnx.Module):
         return _dense(hidden_btd, self.lm_head[...], dtype)
 
     def __call__(self, tokens_bt, positions_bt, attention_mask_bt, cache: KVCache | None = None,
-                 *, compute_logits: bool = True):
+                 *, compute_logits: bool = True, num_layers: int | None = None):
         """Run a chunk of tokens, optionally appending it to a KV cache.
 
         Without a cache, token ``i`` attends to tokens ``j <= i`` with ``attention_mask[j]``. With a
@@ -335,6 +335,9 @@ class Transformer(nnx.Module):
           attention_mask_bt: ``[B, T]`` 1/True for real tokens of this chunk.
           cache: optional ``KVCache`` with ``B`` rows and at least ``index + T`` slots.
           compute_logits: skip the LM head (scalar heads only need hidden states).
+          num_layers: run only the first N blocks (no cache, no logits): ``hidden`` is then the
+            final norm of block N's output, the features a reward head can read from the middle
+            of the network (:class:`rlhf_jax.models.heads.ScalarModel` ``layer``).
 
         Returns:
           ``(logits_btv | None, hidden_btd, cache | None)``; logits and hidden (after the final
@@ -346,6 +349,10 @@ class Transformer(nnx.Module):
             if arr.ndim != 2 or arr.shape != tokens_bt.shape:
                 raise ValueError(f"Transformer: {name} must be [B, T] = {tokens_bt.shape}, "
                                  f"got shape {arr.shape}")
+        if num_layers is not None and not (
+                0 <= num_layers <= cfg.num_layers and cache is None and not compute_logits):
+            raise ValueError(f"Transformer: num_layers={num_layers} needs 0 <= N <= "
+                             f"{cfg.num_layers}, no cache and compute_logits=False")
         b, t = tokens_bt.shape
         mask_bt = attention_mask_bt.astype(bool)
 
@@ -370,7 +377,8 @@ class Transformer(nnx.Module):
         allowed_bts = causal_ts[None] & key_mask_bs[:, None, :]
 
         new_kv = []  # (k, v) of each layer after this chunk; only with a cache
-        for layer, block in enumerate(self.blocks):
+        blocks = self.blocks if num_layers is None else self.blocks[:num_layers]
+        for layer, block in enumerate(blocks):
             layer_kv = None if cache is None else (cache.k[layer], cache.v[layer])
             if cfg.remat and cache is None:
                 x = _remat_block(block, x, allowed_bts, rope)
