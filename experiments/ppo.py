@@ -33,7 +33,7 @@ from rlhf_jax.checkpoint import files_digest, tree_digest
 from rlhf_jax.data.batching import decode_rows
 from rlhf_jax.loop import check_output_dir, fingerprint, StatefulBatches, TrainLoop
 from rlhf_jax.metrics import plot_curves, read_metrics
-from rlhf_jax.models.heads import ScalarHead
+from rlhf_jax.models.heads import ScalarEnsemble, ScalarHead
 from rlhf_jax.runs import (load_bundle, load_params_into, params_of, save_bundle, write_samples,
                            write_summary)
 from rlhf_jax.scoring import RewardScorer
@@ -48,6 +48,10 @@ class Config(ppo.PPOConfig):
     """Policy and reference initialisation (an SFT run's ``final/`` bundle)."""
     reward_dir: str = "runs/default/reward/final"
     """The reward model (a reward run's ``final/`` bundle); the critic starts from it."""
+    reward_ensemble: tuple[str, ...] = ()
+    """More reward-model bundles (same tokenizer and pooling): the reward is then the mean of
+    ``reward_dir``'s and theirs (``rlhf_jax.models.heads.ScalarEnsemble``), e.g. the seeds of
+    ``experiments.reward --seeds N``."""
     gold_path: str | None = "runs/default/gold.pkl"
     """Gold scorer used for evaluation only (None or a missing file: no gold metrics)."""
     task: str = "imdb"
@@ -110,6 +114,17 @@ def load_models(cfg: Config):
     policy, mcfg, tok, _ = load_bundle(cfg.sft_dir, kind="lm", compute_dtype=cfg.compute_dtype)
     rm, _, _, rm_meta = load_bundle(cfg.reward_dir, kind="scalar",
                                     compute_dtype=cfg.compute_dtype)
+    if cfg.reward_ensemble:
+        members = [rm]
+        for d in cfg.reward_ensemble:
+            m, _, m_tok, m_meta = load_bundle(d, kind="scalar", compute_dtype=cfg.compute_dtype)
+            if m_meta.get("pool", "last") != rm_meta.get("pool", "last") or \
+                    m_tok.vocab_size != tok.vocab_size:
+                raise ValueError(f"reward_ensemble: {d} pools {m_meta.get('pool', 'last')!r} "
+                                 f"with a {m_tok.vocab_size}-token vocabulary; {cfg.reward_dir} "
+                                 f"pools {rm_meta.get('pool', 'last')!r} with {tok.vocab_size}")
+            members.append(m)
+        rm = ScalarEnsemble(members)
     if cfg.value_head_on_policy:
         critic = ScalarHead(mcfg.d_model, init="value", rngs=nnx.Rngs(params=cfg.seed))
     else:
@@ -137,7 +152,8 @@ def train(cfg: Config) -> dict:
     inputs = {"sft": tree_digest(params_of(policy)), "reward": tree_digest(params_of(rm))}
     if cfg.gold_path and Path(cfg.gold_path).exists():
         inputs["gold"] = files_digest([cfg.gold_path])
-    fp = fingerprint(cfg, ("iterations", "sft_dir", "reward_dir", "gold_path", "num_devices"),
+    fp = fingerprint(cfg, ("iterations", "sft_dir", "reward_dir", "reward_ensemble", "gold_path",
+                           "num_devices"),
                      inputs)
     if cfg.query_len + cfg.response_len + 1 > mcfg.max_seq_len:
         raise ValueError(f"query_len + response_len + 1 = {cfg.query_len + cfg.response_len + 1} "

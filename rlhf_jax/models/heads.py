@@ -97,3 +97,26 @@ class ScalarModel(nnx.Module):
         model = cls(lm.cfg, head_init=head_init, rngs=rngs)
         nnx.update(model.backbone, jax.tree.map(jnp.copy, nnx.state(lm)))
         return model
+
+
+class ScalarEnsemble(nnx.Module):
+    """The mean of several scalar models' per-token outputs: a reward-model ensemble.
+
+    Reward models trained with different seeds agree where the comparisons pin the reward down
+    and disagree where they do not; a policy optimising their mean gains less from exploiting
+    any one member's errors (Coste et al. 2023, *Reward Model Ensembles Help Mitigate
+    Overoptimization*). The members may differ in shape; each keeps its own normalisation, and
+    the pooled score of the mean is the mean of the members' pooled scores (pooling is linear).
+    It is called like a :class:`ScalarModel`, so :class:`rlhf_jax.scoring.RewardScorer` scores
+    with it unchanged.
+    """
+
+    def __init__(self, members: list[ScalarModel]):
+        if not members:
+            raise ValueError("ScalarEnsemble needs at least one member")
+        self.members = nnx.List(members)
+
+    def __call__(self, tokens_bt, positions_bt, attention_mask_bt) -> jax.Array:
+        """``[B, T]`` f32: the members' outputs averaged."""
+        return sum(m(tokens_bt, positions_bt, attention_mask_bt)
+                   for m in self.members) / len(self.members)

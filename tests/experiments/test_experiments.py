@@ -4,6 +4,7 @@ import json
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,7 +13,9 @@ from rlhf_jax import parallel
 from rlhf_jax import ppo as ppo_lib
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.metrics import read_metrics
+from rlhf_jax.models.heads import ScalarEnsemble
 from rlhf_jax.runs import load_bundle, params_of
+from rlhf_jax.scoring import RewardScorer
 from rlhf_jax.tasks import get_task
 
 MODULES = (sft, collect, reward, ppo, seeds, grpo, pipeline)
@@ -309,3 +312,17 @@ def test_reward_seeds_are_trained_apart_and_summarised(tiny_run, tmp_path):
     assert max(diff) > 0  # two seeds, two models
     # Re-running keeps both finished seeds and gives the same summary.
     assert reward.train(scfg)["per_seed"] == summary["per_seed"]
+    # PPO's reward can be their ensemble: the mean of the two seeds' scores.
+    pcfg = dataclasses.replace(pipeline.stage_configs(cfg)["ppo"],
+                               reward_dir=str(tmp_path / "rm" / "seed4" / "final"),
+                               reward_ensemble=(str(tmp_path / "rm" / "seed5" / "final"),))
+    _, rm, _, _, tok, scorer = ppo.load_models(pcfg)
+    assert isinstance(rm, ScalarEnsemble) and len(rm.members) == 2
+    rng = np.random.default_rng(0)
+    args = (jnp.asarray(rng.integers(3, tok.vocab_size, (3, 6))), jnp.ones((3, 6), bool),
+            jnp.asarray(rng.integers(3, tok.vocab_size, (3, 4))), jnp.ones((3, 4), bool))
+    single = [RewardScorer(nnx.graphdef(m), scorer.eos_id, scorer.pool)(nnx.state(m), *args)
+              for m in (seed4, seed5)]
+    assert float(jnp.abs(single[0] - single[1]).max()) > 1e-3
+    np.testing.assert_allclose(scorer(nnx.state(rm), *args), (single[0] + single[1]) / 2,
+                               atol=1e-5)
