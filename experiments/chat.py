@@ -58,7 +58,7 @@ from experiments import collect as collect_stage
 from experiments import common
 from experiments import ppo as ppo_stage
 from experiments import reward as reward_stage
-from rlhf_jax import lora_ppo, losses, parallel, ppo, rl
+from rlhf_jax import lora_ppo, losses, parallel, ppo, reward_head, rl
 from rlhf_jax.checkpoint import files_digest, text_digest
 from rlhf_jax.data.batching import decode_rows
 from rlhf_jax.generation import sample_split, SamplingConfig
@@ -117,7 +117,7 @@ class RewardConfig:
     its L2 penalty chosen by cross-validation (:mod:`rlhf_jax.reward_head`)."""
     layer: int | None = None
     """The head reads the hidden states after this many blocks (None: the last)."""
-    l2_grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+    l2_grid: tuple[float, ...] = reward_head.L2_GRID
     """``head``: penalties tried (for standardised features)."""
     cv_folds: int = 4
     """``head``: folds over prompts for choosing the penalty."""
@@ -502,14 +502,22 @@ def _joined_scores(scorer: RewardScorer, prefix, method: str):
     return fn
 
 
-def make_reward_steps(parts: lora.LoraSplit, tx, eos_id: int, pool: str):
-    """``(train_step(trainable, opt_state, base, batch), score_fn((trainable, base), t, m, r),
-    feature_fn((trainable, base), t, m, r))`` over ``[B, K, T]`` comparison batches;
-    ``trainable = {"lora", "rest"}``. ``feature_fn`` gives the pooled hidden states ``[B, K, D]``
-    the head reads."""
+def make_reward_fns(parts: lora.LoraSplit, eos_id: int, pool: str):
+    """``(score_fn, feature_fn)``, each ``fn((trainable, base), t, m, r)`` over ``[B, K, T]``
+    comparison batches with ``trainable = {"lora", "rest"}``: the scores ``[B, K]``, and the
+    pooled hidden states ``[B, K, D]`` the head reads."""
     scorer = RewardScorer(parts.graphdef, eos_id, pool)
     scores = _joined_scores(scorer, parts.prefix, "score_tokens")
     features = _joined_scores(scorer, parts.prefix, "pooled_features")
+    return (jax.jit(lambda p, t, m, r: scores(p[0], p[1], t, m, r)),
+            jax.jit(lambda p, t, m, r: features(p[0], p[1], t, m, r)))
+
+
+def make_reward_step(parts: lora.LoraSplit, tx, eos_id: int, pool: str):
+    """``train_step(trainable, opt_state, base, batch)`` of the Bradley–Terry loss over a
+    ``[B, K, T]`` comparison batch; ``trainable = {"lora", "rest"}``."""
+    scores = _joined_scores(RewardScorer(parts.graphdef, eos_id, pool), parts.prefix,
+                            "score_tokens")
 
     def loss_fn(trainable, base, batch):
         r_bk = scores(trainable, base, batch["tokens"], batch["mask"], batch["response_mask"])
@@ -521,9 +529,7 @@ def make_reward_steps(parts: lora.LoraSplit, tx, eos_id: int, pool: str):
         m["rm/grad_norm"] = optax.tree.norm(grads)
         return optax.apply_updates(trainable, updates), opt_state, m
 
-    return (jax.jit(train_step, donate_argnums=(0, 1)),
-            jax.jit(lambda p, t, m, r: scores(p[0], p[1], t, m, r)),
-            jax.jit(lambda p, t, m, r: features(p[0], p[1], t, m, r)))
+    return jax.jit(train_step, donate_argnums=(0, 1))
 
 
 def train_reward(cfg: Config, base: Base, sft: Transformer, sft_hash: str, mesh) -> dict:
@@ -550,7 +556,7 @@ def train_reward(cfg: Config, base: Base, sft: Transformer, sft_hash: str, mesh)
     # Held-out accuracy, and normalisation on the SFT model's held-out samples (scoring the
     # training split too would cost as much as training on it).
     summary.update(stage="reward", config=dataclasses.asdict(rcfg))
-    _, score_fn, _ = make_reward_steps(parts, None, tok.eos_id, rcfg.pool)
+    score_fn, _ = make_reward_fns(parts, tok.eos_id, rcfg.pool)
     s, recs = reward_stage.score_split(score_fn, (trainable, base_params), sources["eval"], tok,
                                        rcfg, mesh)
     summary["eval/accuracy_vs_labeler"] = reward_stage.pairwise_accuracy(
@@ -593,7 +599,7 @@ def _train_adapters(cfg: Config, parts, trainable, base_params, sources, tok, me
     steps = max(1, rcfg.epochs * len(sources["train"]) // rcfg.batch_size)
     tx = _optimizer(rcfg.learning_rate, rcfg.warmup_steps, steps, rcfg.max_grad_norm)
     opt_state = parallel.replicate(tx.init(trainable), mesh)
-    train_step, _, _ = make_reward_steps(parts, tx, tok.eos_id, rcfg.pool)
+    train_step = make_reward_step(parts, tx, tok.eos_id, rcfg.pool)
     loop = TrainLoop("chat/reward", workdir, steps, checkpoint_every=rcfg.checkpoint_every,
                      log_every=rcfg.log_every, show=("rm/loss", "rm/accuracy"),
                      stop_after=rcfg.stop_after, config=cfg, fingerprint=fp)
@@ -622,8 +628,6 @@ def _fit_head(cfg: Config, parts, trainable, base_params, sources, tok, mesh, wo
     features of every training response, computed once and kept in ``features.npz``
     (a re-run after a kill reuses them), with the L2 penalty chosen by cross-validation
     (:mod:`rlhf_jax.reward_head`)."""
-    from rlhf_jax import reward_head
-
     rcfg = cfg.reward
     path = workdir / "features.npz"
     guard_outputs("chat/reward", workdir, fp, [path])
@@ -632,7 +636,7 @@ def _fit_head(cfg: Config, parts, trainable, base_params, sources, tok, mesh, wo
             x, ranks, valid = f["features"], f["ranks"], f["valid"]
         print(f"[chat/reward] features of {x.shape[0]} x {x.shape[1]} responses read from {path}")
     else:
-        _, _, feature_fn = make_reward_steps(parts, None, tok.eos_id, rcfg.pool)
+        _, feature_fn = make_reward_fns(parts, tok.eos_id, rcfg.pool)
         t0 = time.perf_counter()
         x, recs = reward_stage.score_split(feature_fn, (trainable, base_params), sources["train"],
                                            tok, rcfg, mesh, progress="[chat/reward] features")
@@ -648,9 +652,9 @@ def _fit_head(cfg: Config, parts, trainable, base_params, sources, tok, mesh, wo
     print(f"[chat/reward] L2 {fitted.l2:g} chosen by {rcfg.cv_folds}-fold cross-validation "
           f"(held-out pair accuracy vs labeler " +
           ", ".join(f"{c['l2']:g}: {c['accuracy']:.3f}" for c in fitted.cv) + ")")
-    head = nnx.to_pure_dict(jax.device_get(trainable["rest"]))
-    head["head"]["w"], head["head"]["b"] = fitted.w, np.float32(fitted.b)
     rest = jax.device_get(trainable["rest"])
+    head = nnx.to_pure_dict(rest)
+    head["head"]["w"], head["head"]["b"] = fitted.w, np.float32(fitted.b)
     nnx.replace_by_pure_dict(rest, head)
     trainable = dict(trainable, rest=parallel.replicate(rest, mesh))
     _plot_cv(fitted, workdir / "reward.png")

@@ -82,6 +82,12 @@ def sequence_logprobs(lm_def: nnx.GraphDef, params, prompt_bt: Array, prompt_mas
     return masked_sum(lp, resp_mask_bt, axis=1)
 
 
+def _last_position(mask_bt: Array) -> Array:
+    """``[B]`` index of each row's last real token."""
+    pos = jnp.arange(mask_bt.shape[1])[None, :]
+    return jnp.max(jnp.where(mask_bt.astype(bool), pos, 0), axis=1)
+
+
 def pool_scores(values_bt: Array, mask_bt: Array, response_mask_bt: Array, pool: str) -> Array:
     """One score per sequence ``[B]`` from a scalar head's per-token outputs ``[B, T]``.
 
@@ -92,9 +98,7 @@ def pool_scores(values_bt: Array, mask_bt: Array, response_mask_bt: Array, pool:
     check_shapes("pool_scores", [("values_bt", values_bt, "BT"), ("mask_bt", mask_bt, "BT"),
                                  ("response_mask_bt", response_mask_bt, "BT")])
     if pool == "last":
-        pos = jnp.arange(values_bt.shape[1])[None, :]
-        last = jnp.max(jnp.where(mask_bt.astype(bool), pos, 0), axis=1)
-        return jnp.take_along_axis(values_bt, last[:, None], axis=1)[:, 0]
+        return jnp.take_along_axis(values_bt, _last_position(mask_bt)[:, None], axis=1)[:, 0]
     if pool == "mean":
         return masked_mean(values_bt, response_mask_bt, axis=1)
     raise ValueError(f"pool={pool!r}; expected one of {POOLS}")
@@ -107,9 +111,8 @@ def pool_features(hidden_btd: Array, mask_bt: Array, response_mask_bt: Array, po
     check_shapes("pool_features", [("hidden_btd", hidden_btd, "BTD"), ("mask_bt", mask_bt, "BT"),
                                    ("response_mask_bt", response_mask_bt, "BT")])
     if pool == "last":
-        pos = jnp.arange(hidden_btd.shape[1])[None, :]
-        last = jnp.max(jnp.where(mask_bt.astype(bool), pos, 0), axis=1)
-        return jnp.take_along_axis(hidden_btd, last[:, None, None], axis=1)[:, 0]
+        return jnp.take_along_axis(hidden_btd, _last_position(mask_bt)[:, None, None],
+                                   axis=1)[:, 0]
     if pool == "mean":
         w_bt = response_mask_bt.astype(jnp.float32)
         return (jnp.einsum("btd,bt->bd", hidden_btd, w_bt)

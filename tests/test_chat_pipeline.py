@@ -163,7 +163,8 @@ def test_lora_reward_step_trains_adapters_and_head_only_and_features_match_score
              "ranks": jnp.asarray(np.argsort(rng.normal(size=(b, k)), 1)),
              "valid": jnp.ones((b, k), bool)}
     tx = chat._optimizer(3e-3, 1, 10, 1.0)
-    train_step, score_fn, feature_fn = chat.make_reward_steps(parts, tx, tok.eos_id, "mean")
+    train_step = chat.make_reward_step(parts, tx, tok.eos_id, "mean")
+    score_fn, feature_fn = chat.make_reward_fns(parts, tok.eos_id, "mean")
     trainable = {"lora": parts.lora, "rest": parts.rest}
     args = (batch["tokens"], batch["mask"], batch["response_mask"])
     scores = score_fn((trainable, parts.base), *args)
