@@ -14,7 +14,14 @@ Outputs: ``<root>/{sft,collect,reward,ppo}/`` (see each stage's docstring), ``<r
 (the gold scorer), and ``<root>/summary.json`` + ``<root>/report.md`` with the headline figures.
 
 A stage is one entry of :data:`STAGES`: its module (``Config``, ``PRESETS``, ``train(cfg)``,
-``headline(summary)``) and a function that wires its config into the pipeline's folders.
+``headline(summary)``), a function that wires its config into the pipeline's folders, and its
+configs under the pipeline's presets.
+
+Seeds: the default preset trains 3 reward models (``--reward.seeds``) and PPO optimises their
+mean (``ppo.reward_ensemble`` is wired to the other seeds' ``final/``), and it runs 5 PPO seeds
+vmapped in one program (``--ppo.seeds``; :mod:`experiments.seeds`), so the headline is a mean with
+its 95% confidence interval and every seed's value. ``--ppo.seeds 1`` runs :mod:`experiments.ppo`
+(periodic evaluation, ``ppo.png``, ``gold_vs_kl.png``) instead.
 """
 from __future__ import annotations
 
@@ -22,9 +29,10 @@ import dataclasses
 import json
 from pathlib import Path
 import time
+import types
 from typing import Callable, NamedTuple
 
-from experiments import collect, common, ppo, reward, sft
+from experiments import collect, common, ppo, reward, seeds, sft
 from rlhf_jax.runs import read_summary, write_summary
 
 
@@ -34,10 +42,37 @@ class Stage(NamedTuple):
     """Has ``Config``, ``PRESETS``, ``train(cfg) -> summary`` and ``headline(summary)``."""
     wire: Callable
     """``wire(stage_cfg, root: Path, pipeline_cfg) -> stage_cfg`` with folders under ``root``."""
+    presets: dict | None = None
+    """The stage's config under each pipeline preset (None: ``module.PRESETS``)."""
 
 
 def _rep(**fields):
     return lambda c, r, p: dataclasses.replace(c, **{k: v(r, p) for k, v in fields.items()})
+
+
+def _train_ppo(cfg: seeds.Config) -> dict:
+    """``cfg.seeds`` PPO runs vmapped (:mod:`experiments.seeds`), or with one seed the plain run
+    (:mod:`experiments.ppo`, which also evaluates along the way and plots its curves)."""
+    if cfg.seeds > 1:
+        return seeds.train(cfg)
+    return ppo.train(ppo.Config(**{f.name: getattr(cfg, f.name)
+                                   for f in dataclasses.fields(ppo.Config)}))
+
+
+def _ppo_headline(summary: dict) -> list:
+    return (seeds.headline if summary["stage"] == "ppo-seeds" else ppo.headline)(summary)
+
+
+# The PPO stage: experiments.ppo's config plus `seeds`, trained by the one or the other.
+PPO_STAGE = types.SimpleNamespace(Config=seeds.Config, PRESETS=seeds.PRESETS, train=_train_ppo,
+                                  headline=_ppo_headline)
+
+
+def _reward_ensemble(r: Path, p) -> tuple[str, ...]:
+    """The reward stage's other seeds (its ``final/`` is the first), then ``--ppo.reward-
+    ensemble``'s own bundles."""
+    return (tuple(str(r / "reward" / f"seed{p.reward.seed + i}" / "final")
+                  for i in range(1, p.reward.seeds)) + p.ppo.reward_ensemble)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -49,12 +84,21 @@ STAGES: tuple[Stage, ...] = (
         policies=lambda r, p: (str(r / "sft" / "final"), str(r / "sft" / "half")))),
     Stage("reward", reward, _rep(workdir=lambda r, p: str(r / "reward"),
                                  sft_dir=lambda r, p: str(r / "sft" / "final"),
-                                 comparisons_dir=lambda r, p: str(r / "collect"))),
-    Stage("ppo", ppo, _rep(workdir=lambda r, p: str(r / "ppo"), data_dir=lambda r, p: p.data_dir,
-                           task=lambda r, p: p.task, gold_path=lambda r, p: str(r / "gold.pkl"),
-                           sft_dir=lambda r, p: str(r / "sft" / "final"),
-                           reward_dir=lambda r, p: str(r / "reward" / "final"))),
+                                 comparisons_dir=lambda r, p: str(r / "collect")),
+          {**reward.PRESETS, "default": dataclasses.replace(reward.PRESETS["default"], seeds=3)}),
+    Stage("ppo", PPO_STAGE, _rep(
+        workdir=lambda r, p: str(r / "ppo"), data_dir=lambda r, p: p.data_dir,
+        task=lambda r, p: p.task, gold_path=lambda r, p: str(r / "gold.pkl"),
+        sft_dir=lambda r, p: str(r / "sft" / "final"),
+        reward_dir=lambda r, p: str(r / "reward" / "final"), reward_ensemble=_reward_ensemble),
+          {name: dataclasses.replace(c, seeds=5 if name == "default" else 1)
+           for name, c in seeds.PRESETS.items()}),
 )
+
+
+def _presets(stage: Stage) -> dict:
+    return stage.presets or stage.module.PRESETS
+
 
 # The pipeline's config: a root folder, the task, and one config per stage (`--ppo.iterations`).
 Config = dataclasses.make_dataclass(
@@ -62,7 +106,7 @@ Config = dataclasses.make_dataclass(
     [("root", str, dataclasses.field(default="runs/default")),
      ("task", str, dataclasses.field(default="imdb")),
      ("data_dir", "str | None", dataclasses.field(default=None))]
-    + [(s.name, s.module.Config, dataclasses.field(default=s.module.PRESETS["default"]))
+    + [(s.name, s.module.Config, dataclasses.field(default=_presets(s)["default"]))
        for s in STAGES],
     frozen=True)
 Config.__module__ = __name__
@@ -70,7 +114,7 @@ Config.__doc__ = ("The pipeline: a root folder, the task (``imdb`` or ``jsonl:PA
                   "data dir, and one config per stage (folders are rewired under ``root``).")
 
 PRESETS: dict[str, Config] = {
-    name: Config(root=f"runs/{name}", **{s.name: s.module.PRESETS[name] for s in STAGES})
+    name: Config(root=f"runs/{name}", **{s.name: _presets(s)[name] for s in STAGES})
     for name in ("default", "tiny", "smollm2")}
 
 
@@ -112,13 +156,18 @@ def train(cfg: Config) -> dict:
 
 def report_md(rows: list, timings: dict, root: Path) -> str:
     def f(x, fmt):
+        if isinstance(x, list):  # one value per seed
+            return " / ".join(f(v, fmt) for v in x)
         return "n/a" if x is None else format(x, fmt)
 
+    plots = [f"`{p.relative_to(root)}`" for p in
+             (root / "ppo" / n for n in ("ppo.png", "seeds.png", "gold_vs_kl.png"))
+             if p.exists()] + ["`reward/reward.png`" if (root / "reward" / "reward.png").exists()
+                               else "`reward/seed*/reward.png`", "`sft/loss.png`"]
     return "\n".join([f"# RLHF pipeline report ({root})", "", "| figure | value |", "|---|---|"]
                      + [f"| {label} | {f(value, fmt)} |" for _, label, value, fmt in rows]
                      + [f"| wall time per stage (s) | {timings} |", "",
-                        "Plots: `ppo/ppo.png`, `ppo/gold_vs_kl.png`, `reward/reward.png`, "
-                        "`sft/loss.png`; samples: `ppo/samples.md`.", ""])
+                        f"Plots: {', '.join(plots)}; samples: `ppo/samples.md`.", ""])
 
 
 if __name__ == "__main__":

@@ -284,10 +284,21 @@ def _train(cfg: Config) -> dict:
 
 
 def headline(summary: dict) -> list[tuple[str, str, object, str]]:
-    return [("rm_heldout_accuracy_vs_labeler", "reward model held-out pair accuracy vs labeler",
-             summary.get("eval/accuracy_vs_labeler"), ".3f"),
+    """Held-out pair accuracy vs labeler and vs gold; over seeds, their means and every seed's."""
+    rows = []
+    for key, label, metric in (
+            ("rm_heldout_accuracy_vs_labeler", "reward model held-out pair accuracy vs labeler",
+             "eval/accuracy_vs_labeler"),
             ("rm_heldout_accuracy_vs_gold", "reward model held-out pair accuracy vs gold",
-             summary.get("eval/accuracy_vs_gold"), ".3f")]
+             "eval/accuracy_vs_gold")):
+        if "per_seed" not in summary:
+            rows.append((key, label, summary.get(metric), ".3f"))
+            continue
+        seeds = summary["seeds"]
+        rows += [(key, f"{label}: mean of {len(seeds)} seeds", summary.get(metric), ".3f"),
+                 (f"{key}_per_seed", f"{label}: seeds {seeds}",
+                  [s.get(metric) for s in summary["per_seed"]], ".3f")]
+    return rows
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def run(cfg: Config, stage: str, build) -> dict:
     """The seed loop of any one-iteration program with PPO's signature (PPO, RLOO/GRPO).
 
     ``build(cfg, policy, critic, reward, sampling_config, seeds) -> (program, stacked
-    states)``. The policy of the first seed is saved as ``final/`` with ``samples.md``."""
+    states)``. The policy of the first seed is saved as ``final/`` (with its Hugging Face export in
+    ``final/hf/``) and ``samples.md``."""
     common.check(cfg, cfg.errors() + common.positive(cfg, "seeds"))
     workdir = check_output_dir(stage, cfg.workdir)
     mesh = parallel.make_mesh(cfg.num_devices)
@@ -138,12 +139,14 @@ def run(cfg: Config, stage: str, build) -> dict:
     evals = [run_eval(jax.tree.map(lambda x: x[i], states.params["policy"]), s)
              for i, s in enumerate(seeds)]
     per_seed = [e[0] for e in evals]
-    summary = {"stage": stage, "seeds": seeds, "sft": sft, "per_seed": per_seed,
-               "ppo": stats.summarize_seeds(per_seed), "config": dataclasses.asdict(cfg)}
+    summary = {"stage": stage, "seeds": seeds, "eval_prompts": int(len(eval_tokens)), "sft": sft,
+               "per_seed": per_seed, "ppo": stats.summarize_seeds(per_seed),
+               "config": dataclasses.asdict(cfg)}
     load_params_into(policy, nnx.to_pure_dict(
         jax.device_get(jax.tree.map(lambda x: x[0], states.params["policy"]))))
     save_bundle(workdir / "final", policy, mcfg, tok, kind="lm",
-                extra={"stage": stage, "seed": seeds[0]})
+                extra={"stage": stage, "seed": seeds[0]},
+                hf_config={"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id})
     n = 12
     write_samples(workdir / "samples.md", f"SFT vs {stage} (seed {seeds[0]}) responses to the "
                   "same held-out prompts", decode_rows(tok, eval_tokens[:n], eval_mask[:n]),
@@ -160,6 +163,25 @@ def run(cfg: Config, stage: str, build) -> dict:
         print(f"[{stage}] held-out gold P(positive) {g['mean']:.3f} ± {g['half_width']:.3f} "
               f"(95% CI, {len(seeds)} seeds: {[round(v, 3) for v in g['values']]})")
     return summary
+
+
+def headline(summary: dict) -> list[tuple[str, str, object, str]]:
+    """The pipeline's rows for a seeds summary: the SFT policy's figures, then each PPO figure as
+    the mean over seeds, its 95% CI half-width, and every seed's value (a list)."""
+    s, n, seeds = summary["sft"], summary.get("eval_prompts"), summary["seeds"]
+    rows = [("sft_gold_positive", f"gold P(positive), SFT policy ({n} held-out prompts)",
+             s["gold"], ".3f"),
+            ("sft_rm_score", "reward-model score, SFT", s["rm_score"], ".2f")]
+    for key, label, name, fmt in (
+            ("ppo_gold_positive", "gold P(positive), PPO policy", "gold", ".3f"),
+            ("ppo_rm_score", "reward-model score, PPO", "rm_score", ".2f"),
+            ("ppo_kl_to_sft", "KL(PPO ‖ SFT) per response (nats, k1)", "kl", ".2f")):
+        fig = summary["ppo"].get(name)  # None without a gold scorer
+        rows += [(key, f"{label}: mean of {len(seeds)} seeds", fig and fig["mean"], fmt),
+                 (f"{key}_ci95", f"{label}: 95% CI half-width (t)", fig and fig["half_width"],
+                  fmt),
+                 (f"{key}_per_seed", f"{label}: seeds {seeds}", fig and fig["values"], fmt)]
+    return rows + [("eval_prompts", "held-out evaluation prompts", n, "d")]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The experiments end to end on the ``tiny`` presets: outputs, checkpoints, resume, devices."""
 import dataclasses
 import json
+import shutil
 
 from flax import nnx
 import jax
@@ -326,3 +327,35 @@ def test_reward_seeds_are_trained_apart_and_summarised(tiny_run, tmp_path):
     assert float(jnp.abs(single[0] - single[1]).max()) > 1e-3
     np.testing.assert_allclose(scorer(nnx.state(rm), *args), (single[0] + single[1]) / 2,
                                atol=1e-5)
+
+
+def test_pipeline_seeds_make_a_reward_ensemble_and_a_headline_over_seeds(tiny_run, tmp_path):
+    """``make demo``'s preset trains 3 reward models, PPO optimises their mean, over 5 seeds. The
+    same wiring with 2 and 2 on the tiny pipeline's SFT model and comparisons: the headline is
+    the mean over PPO seeds with each seed's value, and the report prints them."""
+    default = pipeline.stage_configs(pipeline.PRESETS["default"])
+    assert default["reward"].seeds == 3 and default["ppo"].seeds == 5
+    assert default["ppo"].reward_ensemble == tuple(
+        f"runs/default/reward/seed{s}/final" for s in (1, 2))
+    cfg, _ = tiny_run
+    src, root = common.Path(cfg.root), tmp_path / "run"
+    for stage in ("sft", "collect"):
+        shutil.copytree(src / stage, root / stage)
+    shutil.copy(src / "gold.pkl", root / "gold.pkl")
+    two = dataclasses.replace(cfg, root=str(root), reward=dataclasses.replace(cfg.reward, seeds=2),
+                              ppo=dataclasses.replace(cfg.ppo, seeds=2, iterations=2))
+    summary = pipeline.train(two)
+    done = json.loads((root / "ppo" / "summary.json").read_text())
+    assert done["stage"] == "ppo-seeds" and done["seeds"] == [0, 1]
+    assert done["config"]["reward_ensemble"] == [str(root / "reward" / "seed1" / "final")]
+    gold = [s["gold"] for s in done["per_seed"]]
+    assert summary["ppo_gold_positive_per_seed"] == gold
+    assert summary["ppo_gold_positive"] == pytest.approx(np.mean(gold))
+    assert summary["ppo_gold_positive_ci95"] > 0 or gold[0] == gold[1]
+    rm = json.loads((root / "reward" / "summary.json").read_text())
+    assert summary["rm_heldout_accuracy_vs_gold"] == pytest.approx(
+        np.mean([s["eval/accuracy_vs_gold"] for s in rm["per_seed"]]))
+    report = (root / "report.md").read_text()
+    assert f"mean of 2 seeds | {np.mean(gold):.3f} |" in report
+    assert " / ".join(f"{g:.3f}" for g in gold) in report and "`ppo/seeds.png`" in report
+    assert (root / "ppo" / "final" / "hf" / "config.json").exists()
