@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import losses, rl
+from rlhf_jax import losses, parallel, rl
 from rlhf_jax.generation import sample_split, SamplingConfig
 from rlhf_jax.ppo import PPOConfig, PPOProgram
 from rlhf_jax.scoring import (concat_prompt_response, response_logits, response_positions,
@@ -79,8 +79,9 @@ def init_state(cfg: GRPOConfig, policy: nnx.Module, tx) -> GRPOState:
     params = {"policy": nnx.state(policy)}
     kl_ctl = (rl.adaptive_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
               if cfg.adaptive_kl else rl.fixed_kl_controller(cfg.kl_coef))
-    return GRPOState(params=params, opt_state=tx.init(params), kl_ctl=kl_ctl,
-                     key=jax.random.key(cfg.seed), iteration=jnp.zeros((), jnp.int32))
+    state = GRPOState(params=params, opt_state=tx.init(params), kl_ctl=kl_ctl,
+                      key=jax.random.key(cfg.seed), iteration=jnp.zeros((), jnp.int32))
+    return parallel.commit_like(state, jax.tree.leaves(params)[0])  # one compile, not two
 
 
 def init_seed_states(cfg: GRPOConfig, policy: nnx.Module, tx, seeds) -> GRPOState:

@@ -302,6 +302,23 @@ def replicate(tree, mesh: Mesh):
     return put(tree, replicated(mesh))
 
 
+def commit_like(tree: Any, like: jax.Array) -> Any:
+    """``tree``'s uncommitted arrays (fresh scalars, counters, PRNG keys) committed to the one
+    device ``like`` lives on; unchanged when ``like`` spans several devices or is not a JAX array
+    (:func:`shard` places such trees).
+
+    A jitted function's cache is keyed on whether its arguments are committed, and its outputs
+    always are: a loop that feeds a step's output back (``state = step(state, ...)``) from a
+    freshly built state would otherwise compile the step twice, at its first and second call.
+    """
+    devices = like.sharding.device_set if isinstance(like, jax.Array) else ()
+    if len(devices) != 1:
+        return tree
+    device = next(iter(devices))
+    return jax.tree.map(lambda x: jax.device_put(x, device)
+                        if isinstance(x, jax.Array) and not x.committed else x, tree)
+
+
 # ------------------------------------------------------------------------------------------------
 # Host side.
 

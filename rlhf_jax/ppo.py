@@ -164,8 +164,9 @@ def initial_state(cfg: PPOConfig, params: dict, tx: optax.GradientTransformation
     """The state at iteration 0 for the trained ``params`` (``{"policy", "value"}``)."""
     kl_ctl = (rl.adaptive_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
               if cfg.adaptive_kl else rl.fixed_kl_controller(cfg.kl_coef))
-    return PPOState(params=params, opt_state=tx.init(params), kl_ctl=kl_ctl,
-                    key=jax.random.key(cfg.seed), iteration=jnp.zeros((), jnp.int32))
+    state = PPOState(params=params, opt_state=tx.init(params), kl_ctl=kl_ctl,
+                     key=jax.random.key(cfg.seed), iteration=jnp.zeros((), jnp.int32))
+    return parallel.commit_like(state, jax.tree.leaves(params)[0])  # one compile, not two
 
 
 def sampling_config(cfg: PPOConfig, pad_id: int, eos_id: int | None) -> SamplingConfig:

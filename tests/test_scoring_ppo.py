@@ -144,6 +144,10 @@ def test_one_iteration_is_one_program_and_trains(models):
     assert max(moved) > 0
     assert all(np.isfinite(float(v)) for v in metrics.values())
     assert resp.shape == (B, TR) and rmask.shape == (B, TR)
+    # A fresh state is committed like the step's outputs, so the loop compiles once, not twice.
+    assert all(x.committed for x in jax.tree.leaves(state))
+    step(new_state, ref, rm_params, prompt, pmask)
+    assert step._cache_size() == 1
 
 
 def test_evaluate_reports_kl_by_both_estimators(models):
