@@ -53,10 +53,7 @@ def _rep(**fields):
 def _train_ppo(cfg: seeds.Config) -> dict:
     """``cfg.seeds`` PPO runs vmapped (:mod:`experiments.seeds`), or with one seed the plain run
     (:mod:`experiments.ppo`, which also evaluates along the way and plots its curves)."""
-    if cfg.seeds > 1:
-        return seeds.train(cfg)
-    return ppo.train(ppo.Config(**{f.name: getattr(cfg, f.name)
-                                   for f in dataclasses.fields(ppo.Config)}))
+    return seeds.train(cfg) if cfg.seeds > 1 else ppo.train(cfg)
 
 
 def _ppo_headline(summary: dict) -> list:

@@ -144,7 +144,11 @@ def stop_id(cfg: Config, tokenizer) -> int | None:
 
 
 def train(cfg: Config) -> dict:
-    """Runs (or resumes) PPO; returns the summary (also written to ``summary.json``)."""
+    """Runs (or resumes) PPO; returns the summary (also written to ``summary.json``).
+
+    A subclass's config (``experiments.seeds.Config`` with one seed, as the pipeline passes) runs
+    as the plain config of its fields: the same run, the same fingerprint."""
+    cfg = Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)})
     common.check(cfg, cfg.errors())
     workdir = check_output_dir("ppo", cfg.workdir)
     mesh = parallel.make_mesh(cfg.num_devices, spec=cfg.mesh)

@@ -13,6 +13,7 @@ from experiments import collect, common, grpo, pipeline, ppo, reward, seeds, sft
 from rlhf_jax import parallel
 from rlhf_jax import ppo as ppo_lib
 from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.loop import RunMismatchError
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.heads import ScalarEnsemble
 from rlhf_jax.runs import load_bundle, params_of
@@ -359,3 +360,7 @@ def test_pipeline_seeds_make_a_reward_ensemble_and_a_headline_over_seeds(tiny_ru
     assert f"mean of 2 seeds | {np.mean(gold):.3f} |" in report
     assert " / ".join(f"{g:.3f}" for g in gold) in report and "`ppo/seeds.png`" in report
     assert (root / "ppo" / "final" / "hf" / "config.json").exists()
+    # Extending the seeds' run with another learning rate is refused, naming the field.
+    pcfg = pipeline.stage_configs(two)["ppo"]
+    with pytest.raises(RunMismatchError, match="learning_rate"):
+        seeds.train(dataclasses.replace(pcfg, iterations=3, learning_rate=2 * pcfg.learning_rate))
