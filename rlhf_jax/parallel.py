@@ -304,19 +304,22 @@ def replicate(tree, mesh: Mesh):
 
 def commit_like(tree: Any, like: jax.Array) -> Any:
     """``tree``'s uncommitted arrays (fresh scalars, counters, PRNG keys) committed to the one
-    device ``like`` lives on; unchanged when ``like`` spans several devices or is not a JAX array
-    (:func:`shard` places such trees).
+    device ``like`` lives on; unchanged when ``like`` spans several devices (:func:`shard` places
+    such trees), is traced (``jax.eval_shape``) or is not a JAX array.
 
     A jitted function's cache is keyed on whether its arguments are committed, and its outputs
     always are: a loop that feeds a step's output back (``state = step(state, ...)``) from a
     freshly built state would otherwise compile the step twice, at its first and second call.
     """
-    devices = like.sharding.device_set if isinstance(like, jax.Array) else ()
+    def concrete(x):  # tracers (under jax.eval_shape or jit) have no placement to commit
+        return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+
+    devices = like.sharding.device_set if concrete(like) else ()
     if len(devices) != 1:
         return tree
     device = next(iter(devices))
     return jax.tree.map(lambda x: jax.device_put(x, device)
-                        if isinstance(x, jax.Array) and not x.committed else x, tree)
+                        if concrete(x) and not x.committed else x, tree)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -148,6 +148,10 @@ def test_one_iteration_is_one_program_and_trains(models):
     assert all(x.committed for x in jax.tree.leaves(state))
     step(new_state, ref, rm_params, prompt, pmask)
     assert step._cache_size() == 1
+    # ... and still builds from shapes alone (jax.eval_shape, as the memory planner does).
+    lm, _, critic = models
+    abstract = jax.eval_shape(lambda: ppo.init_state(cfg, lm, critic, ppo.make_optimizer(cfg)))
+    assert jax.tree.map(jnp.shape, abstract) == jax.tree.map(jnp.shape, state)
 
 
 def test_evaluate_reports_kl_by_both_estimators(models):
