@@ -143,6 +143,17 @@ def stop_id(cfg: Config, tokenizer) -> int | None:
     return ids[0]
 
 
+def run_fingerprint(cfg: Config, policy, rm) -> dict:
+    """The run's identity: its config (not where the inputs live, how long it runs or on how many
+    devices) and the contents of its SFT policy, reward model(s) and gold scorer. A checkpoint of
+    another run is never resumed (:class:`rlhf_jax.loop.TrainLoop`)."""
+    inputs = {"sft": tree_digest(params_of(policy)), "reward": tree_digest(params_of(rm))}
+    if cfg.gold_path and Path(cfg.gold_path).exists():
+        inputs["gold"] = files_digest([cfg.gold_path])
+    return fingerprint(cfg, ("iterations", "sft_dir", "reward_dir", "reward_ensemble",
+                             "gold_path", "num_devices"), inputs)
+
+
 def train(cfg: Config) -> dict:
     """Runs (or resumes) PPO; returns the summary (also written to ``summary.json``).
 
@@ -153,12 +164,7 @@ def train(cfg: Config) -> dict:
     workdir = check_output_dir("ppo", cfg.workdir)
     mesh = parallel.make_mesh(cfg.num_devices, spec=cfg.mesh)
     policy, rm, critic, mcfg, tok, reward = load_models(cfg)
-    inputs = {"sft": tree_digest(params_of(policy)), "reward": tree_digest(params_of(rm))}
-    if cfg.gold_path and Path(cfg.gold_path).exists():
-        inputs["gold"] = files_digest([cfg.gold_path])
-    fp = fingerprint(cfg, ("iterations", "sft_dir", "reward_dir", "reward_ensemble", "gold_path",
-                           "num_devices"),
-                     inputs)
+    fp = run_fingerprint(cfg, policy, rm)
     if cfg.query_len + cfg.response_len + 1 > mcfg.max_seq_len:
         raise ValueError(f"query_len + response_len + 1 = {cfg.query_len + cfg.response_len + 1} "
                          f"exceeds the model's max_seq_len={mcfg.max_seq_len}")

@@ -28,11 +28,10 @@ import numpy as np
 from experiments import common
 from experiments import ppo as ppo_stage
 from rlhf_jax import parallel, ppo, stats
-from rlhf_jax.checkpoint import tree_digest
 from rlhf_jax.data.batching import decode_rows
-from rlhf_jax.loop import check_output_dir, fingerprint, StatefulBatches, TrainLoop
+from rlhf_jax.loop import check_output_dir, StatefulBatches, TrainLoop
 from rlhf_jax.metrics import plot_curves, read_metrics
-from rlhf_jax.runs import load_params_into, params_of, save_bundle, write_samples, write_summary
+from rlhf_jax.runs import load_params_into, save_bundle, write_samples, write_summary
 from rlhf_jax.tasks import get_task
 
 PER_SEED = ("objective/kl", "objective/scores", "objective/gold")
@@ -111,12 +110,9 @@ def run(cfg: Config, stage: str, build) -> dict:
             for s, x in zip(streams, st):
                 s.set_state(x)
 
-    # The run's identity, as experiments.ppo's: a changed config or model is never resumed.
-    fp = fingerprint(cfg, ("iterations", "sft_dir", "reward_dir", "reward_ensemble", "gold_path",
-                           "num_devices"),
-                     {"sft": tree_digest(params_of(policy)), "reward": tree_digest(params_of(rm))})
     loop = TrainLoop(stage, workdir, cfg.iterations, checkpoint_every=cfg.checkpoint_every,
-                     stop_after=cfg.stop_after, config=cfg, fingerprint=fp, unit="iteration",
+                     stop_after=cfg.stop_after, config=cfg, unit="iteration",
+                     fingerprint=ppo_stage.run_fingerprint(cfg, policy, rm),
                      show=("objective/scores", "objective/gold", "objective/kl"))
     states = loop.restore(states, data=Streams())
     for it in loop.steps():
