@@ -27,6 +27,18 @@ def default_data_dir() -> str:
     return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+    """``DatasetInfo`` of a dataset built here, never published to TFDS's bucket.
+
+    TFDS looks a fresh builder's metadata up in its public GCS bucket; the lookup needs the
+    network, finds nothing for our datasets, and leaves an empty ``/tmp/tmp*tfds`` folder behind
+    on every build (``tempfile.mkdtemp`` without a clean-up). Our builders skip it.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        return None
+
+
 class RlhfBuilder(tfds.core.GeneratorBasedBuilder):
     """Base class: array_record output and a :class:`DataReport` of what generation skipped.
 
@@ -73,8 +85,8 @@ class RlhfBuilder(tfds.core.GeneratorBasedBuilder):
         raise NotImplementedError
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION,
-                                     features=self._features(), disable_shuffling=True)
+        return LocalDatasetInfo(builder=self, description=self.DESCRIPTION,
+                                features=self._features(), disable_shuffling=True)
 
     def download_and_prepare(self, *args, **kwargs):
         existed = self.is_prepared()

@@ -199,6 +199,20 @@ def test_builder_skip_mode_reports(tmp_path):
     assert saved["kept"] == 3 and saved["skipped"] == {"bad_json": 1, "empty_response": 1}
 
 
+def test_building_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """TFDS's metadata lookup for a fresh builder makes a temp folder it never removes; ours skip
+    the lookup, so building (and re-opening) a dataset leaves the temp directory as it was."""
+    import tempfile
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    p = write_jsonl(tmp_path / "train.jsonl", make_records(3))
+    _, src = comparisons.build_comparisons(p, str(tmp_path / "d"))
+    _, again = comparisons.build_comparisons(p, str(tmp_path / "d"))
+    assert len(src["train"]) == len(again["train"]) == 3
+    assert list(scratch.iterdir()) == []
+
+
 def test_overlong_comparison_is_skipped_and_counted(tok):
     recs = make_records(3)
     recs[1]["responses"][2] = " very long response" * 80
