@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import losses, parallel, rl
+from rlhf_jax import losses, rl
 from rlhf_jax.generation import sample_split, SamplingConfig
-from rlhf_jax.ppo import PPOConfig, PPOProgram
+from rlhf_jax.ppo import initial_state, PPOConfig, PPOProgram, PPOState
 from rlhf_jax.scoring import (concat_prompt_response, response_logits, response_positions,
                               RewardScorer)
 
@@ -59,32 +58,18 @@ class GRPOConfig(PPOConfig):
         return errs
 
 
-@flax.struct.dataclass
-class GRPOState:
-    params: dict
-    """``{"policy": LM params}``: no value model."""
-    opt_state: optax.OptState
-    kl_ctl: rl.KLControllerState
-    key: jax.Array
-    iteration: jax.Array
-
-
 def make_optimizer(cfg: GRPOConfig) -> optax.GradientTransformation:
     total = cfg.iterations * cfg.ppo_epochs * cfg.num_minibatches
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
                        optax.adam(optax.linear_schedule(cfg.learning_rate, 0.0, total), eps=1e-5))
 
 
-def init_state(cfg: GRPOConfig, policy: nnx.Module, tx) -> GRPOState:
-    params = {"policy": nnx.state(policy)}
-    kl_ctl = (rl.adaptive_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-              if cfg.adaptive_kl else rl.fixed_kl_controller(cfg.kl_coef))
-    state = GRPOState(params=params, opt_state=tx.init(params), kl_ctl=kl_ctl,
-                      key=jax.random.key(cfg.seed), iteration=jnp.zeros((), jnp.int32))
-    return parallel.commit_like(state, jax.tree.leaves(params)[0])  # one compile, not two
+def init_state(cfg: GRPOConfig, policy: nnx.Module, tx) -> PPOState:
+    """PPO's state with ``params = {"policy": LM params}``: no value model."""
+    return initial_state(cfg, {"policy": nnx.state(policy)}, tx)
 
 
-def init_seed_states(cfg: GRPOConfig, policy: nnx.Module, tx, seeds) -> GRPOState:
+def init_seed_states(cfg: GRPOConfig, policy: nnx.Module, tx, seeds) -> PPOState:
     """States of independent runs stacked over a leading seed axis, as
     :func:`rlhf_jax.ppo.init_seed_states`; feed them to :func:`rlhf_jax.ppo.vmap_seeds`."""
     states = [init_state(dataclasses.replace(cfg, seed=int(s)), policy, tx) for s in seeds]
@@ -111,7 +96,7 @@ def make_grpo(cfg: GRPOConfig, lm_def: nnx.GraphDef, reward: RewardScorer,
         logits, _ = response_logits(lm_def, params, tokens, mask, resp)
         return losses.token_logprobs(logits, response, temp), logits
 
-    def rollout(state: GRPOState, ref_params, rm_params, prompt_bt, prompt_mask_bt, key):
+    def rollout(state: PPOState, ref_params, rm_params, prompt_bt, prompt_mask_bt, key):
         prompts = jnp.repeat(prompt_bt, k, axis=0)  # [B·K, Tq], prompt-major groups
         pmask = jnp.repeat(prompt_mask_bt, k, axis=0)
         out = sample_split(lm_def, state.params["policy"], prompts, pmask, key, scfg)
@@ -172,7 +157,7 @@ def make_grpo(cfg: GRPOConfig, lm_def: nnx.GraphDef, reward: RewardScorer,
                                                jax.random.split(key, cfg.ppo_epochs))
         return params, opt_state, jax.tree.map(jnp.mean, um)
 
-    def iteration(state: GRPOState, ref_params, rm_params, prompt_bt, prompt_mask_bt):
+    def iteration(state: PPOState, ref_params, rm_params, prompt_bt, prompt_mask_bt):
         key = jax.random.fold_in(state.key, state.iteration)
         k_sample, k_epochs = jax.random.split(key)
         batch, metrics, out = rollout(state, ref_params, rm_params, prompt_bt, prompt_mask_bt,
@@ -181,7 +166,7 @@ def make_grpo(cfg: GRPOConfig, lm_def: nnx.GraphDef, reward: RewardScorer,
                                        state.kl_ctl.value)
         metrics.update(um)
         kl_ctl = rl.kl_controller_update(state.kl_ctl, metrics["objective/kl"], n)
-        return (GRPOState(params=params, opt_state=opt_state, kl_ctl=kl_ctl, key=state.key,
-                          iteration=state.iteration + 1), metrics, out.tokens, out.mask)
+        return (PPOState(params=params, opt_state=opt_state, kl_ctl=kl_ctl, key=state.key,
+                         iteration=state.iteration + 1), metrics, out.tokens, out.mask)
 
     return PPOProgram(rollout=rollout, update=update, iteration=iteration)
