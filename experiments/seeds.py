@@ -12,8 +12,9 @@ Run::
     python -m experiments.seeds --preset default --seeds 5
 
 Outputs in the workdir: ``ckpt/`` (the stacked state), ``metrics.jsonl`` (seed means, and
-``seed<i>/...`` per seed for the headline keys), ``seeds.png``, ``summary.json`` (per seed and
-mean ± CI of gold, RM score and KL).
+``seed<i>/...`` per seed for the headline keys; held-out ``eval/...`` every ``eval_every``
+iterations, as ``experiments.ppo``), ``seeds.png``, ``seeds_gold_vs_kl.png``, ``summary.json``
+(per seed and mean ± CI of gold, RM score and KL).
 """
 from __future__ import annotations
 
@@ -115,6 +116,10 @@ def run(cfg: Config, stage: str, build) -> dict:
                      fingerprint=ppo_stage.run_fingerprint(cfg, policy, rm),
                      show=("objective/scores", "objective/gold", "objective/kl"))
     states = loop.restore(states, data=Streams())
+    sft, sft_tokens, sft_mask = run_eval(ref_params, cfg.seed)
+    if loop.start == 0:
+        loop.log(0, eval_row([sft] * len(seeds)), force=True)
+    evals = None  # each seed's latest held-out evaluation: (figures, tokens, mask)
     for it in loop.steps():
         batches = [s.next() for s in streams]
         prompts = jnp.asarray(np.stack([b["tokens"] for b in batches]))
@@ -130,15 +135,19 @@ def run(cfg: Config, stage: str, build) -> dict:
             row["objective/gold"] = float(np.mean(metrics["objective/gold"]))
         row.update({f"seed{i}/{k}": float(metrics[k][i]) for k in PER_SEED if k in metrics
                     for i in range(len(seeds))})
+        if it % cfg.eval_every == 0 or it == cfg.iterations:
+            evals = [run_eval(jax.tree.map(lambda x: x[i], states.params["policy"]), s)
+                     for i, s in enumerate(seeds)]
+            row.update(eval_row([e[0] for e in evals]))
         loop.log(it, row)
         loop.end_step(it, states, data=Streams())
     loop.close()
     if not loop.finished:
         return {"stage": stage, "stopped_at": loop.last}
 
-    sft, sft_tokens, sft_mask = run_eval(ref_params, cfg.seed)
-    evals = [run_eval(jax.tree.map(lambda x: x[i], states.params["policy"]), s)
-             for i, s in enumerate(seeds)]
+    if evals is None:  # a re-run after the last checkpoint: nothing ran
+        evals = [run_eval(jax.tree.map(lambda x: x[i], states.params["policy"]), s)
+                 for i, s in enumerate(seeds)]
     per_seed = [e[0] for e in evals]
     summary = {"stage": stage, "seeds": seeds, "eval_prompts": int(len(eval_tokens)), "sft": sft,
                "per_seed": per_seed, "ppo": stats.summarize_seeds(per_seed),
@@ -153,17 +162,45 @@ def run(cfg: Config, stage: str, build) -> dict:
                   "same held-out prompts", decode_rows(tok, eval_tokens[:n], eval_mask[:n]),
                   {"SFT": decode_rows(tok, sft_tokens[:n], sft_mask[:n]),
                    stage: decode_rows(tok, evals[0][1][:n], evals[0][2][:n])}, gold)
-    rows = read_metrics(workdir / "metrics.jsonl")
-    plot_curves(rows, [(f"gold P(positive), {len(seeds)} seeds",
-                        [f"seed{i}/objective/gold" for i in range(len(seeds))]),
-                       ("KL to SFT (nats)", [f"seed{i}/objective/kl" for i in range(len(seeds))])],
-                workdir / "seeds.png", title=f"{stage} over {len(seeds)} seeds (vmapped)")
+    plot_seeds(read_metrics(workdir / "metrics.jsonl"), len(seeds), workdir, stage)
     write_summary(workdir, summary)
     g = summary["ppo"].get("gold")
     if g:
         print(f"[{stage}] held-out gold P(positive) {g['mean']:.3f} ± {g['half_width']:.3f} "
               f"(95% CI, {len(seeds)} seeds: {[round(v, 3) for v in g['values']]})")
     return summary
+
+
+def eval_row(figures: list[dict]) -> dict:
+    """A metrics row of held-out figures: ``seed<i>/eval/<name>`` and their means over seeds
+    (``eval/gold``, ``eval/scores``, ``eval/kl_k1``, ``eval/kl_k3``: ``experiments.ppo``'s keys)."""
+    row = {}
+    for name, key in (("gold", "eval/gold"), ("rm_score", "eval/scores"), ("kl", "eval/kl_k1"),
+                      ("kl_k3", "eval/kl_k3")):
+        values = [f[name] for f in figures]
+        if any(v is None for v in values):  # no gold scorer
+            continue
+        row[key] = float(np.mean(values))
+        row.update({f"seed{i}/{key}": float(v) for i, v in enumerate(values)})
+    return row
+
+
+def plot_seeds(rows: list[dict], n: int, workdir: Path, stage: str) -> None:
+    """``seeds.png``: each seed's gold and KL by iteration, on its training rollouts and on the
+    held-out prompts; ``seeds_gold_vs_kl.png``: each seed's held-out gold against its
+    held-out KL (one point per evaluation), the frontier a run traces."""
+    def keys(train, held_out):
+        return [f"seed{i}/{k}" for k in (train, held_out) for i in range(n)]
+
+    panels = [(f"gold P(positive), {n} seeds", keys("objective/gold", "eval/gold")),
+              ("KL to SFT (nats)", keys("objective/kl", "eval/kl_k1"))]
+    plot_curves(rows, panels, workdir / "seeds.png", title=f"{stage} over {n} seeds (vmapped)")
+    pts = [{"kl": r[f"seed{i}/eval/kl_k1"], f"seed{i}": r[f"seed{i}/eval/gold"]}
+           for i in range(n) for r in rows if f"seed{i}/eval/gold" in r]
+    if pts:
+        plot_curves(pts, [("held-out gold P(positive)", [f"seed{i}" for i in range(n)])],
+                    workdir / "seeds_gold_vs_kl.png", title="held-out gold against KL, per seed",
+                    x="kl")
 
 
 def headline(summary: dict) -> list[tuple[str, str, object, str]]:
