@@ -158,8 +158,7 @@ def report_md(rows: list, timings: dict, root: Path) -> str:
         return "n/a" if x is None else format(x, fmt)
 
     plots = [f"`{p.relative_to(root)}`" for p in
-             (root / "ppo" / n for n in ("ppo.png", "seeds.png", "gold_vs_kl.png",
-                                           "seeds_gold_vs_kl.png"))
+             (root / "ppo" / n for n in ("ppo.png", "seeds.png", "gold_vs_kl.png"))
              if p.exists()] + ["`reward/reward.png`" if (root / "reward" / "reward.png").exists()
                                else "`reward/seed*/reward.png`", "`sft/loss.png`"]
     return "\n".join([f"# RLHF pipeline report ({root})", "", "| figure | value |", "|---|---|"]

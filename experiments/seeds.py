@@ -13,8 +13,8 @@ Run::
 
 Outputs in the workdir: ``ckpt/`` (the stacked state), ``metrics.jsonl`` (seed means, and
 ``seed<i>/...`` per seed for the headline keys; held-out ``eval/...`` every ``eval_every``
-iterations, as ``experiments.ppo``), ``seeds.png``, ``seeds_gold_vs_kl.png``, ``summary.json``
-(per seed and mean ± CI of gold, RM score and KL).
+iterations, as ``experiments.ppo``), ``seeds.png`` (each seed's curves, and its held-out gold
+against KL), ``summary.json`` (per seed and mean ± CI of gold, RM score and KL).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from experiments import ppo as ppo_stage
 from rlhf_jax import parallel, ppo, stats
 from rlhf_jax.data.batching import decode_rows
 from rlhf_jax.loop import check_output_dir, StatefulBatches, TrainLoop
-from rlhf_jax.metrics import plot_curves, read_metrics
+from rlhf_jax.metrics import read_metrics
 from rlhf_jax.runs import load_params_into, save_bundle, write_samples, write_summary
 from rlhf_jax.tasks import get_task
 
@@ -185,22 +185,48 @@ def eval_row(figures: list[dict]) -> dict:
     return row
 
 
-def plot_seeds(rows: list[dict], n: int, workdir: Path, stage: str) -> None:
-    """``seeds.png``: each seed's gold and KL by iteration, on its training rollouts and on the
-    held-out prompts; ``seeds_gold_vs_kl.png``: each seed's held-out gold against its
-    held-out KL (one point per evaluation), the frontier a run traces."""
-    def keys(train, held_out):
-        return [f"seed{i}/{k}" for k in (train, held_out) for i in range(n)]
+def plot_seeds(rows: list[dict], n: int, workdir: Path, stage: str) -> Path | None:
+    """``seeds.png``, one colour per seed: gold and KL by iteration on the training rollouts
+    (thin) and on the held-out prompts (dots, every ``eval_every``), and the held-out gold against
+    the held-out KL, the path each run traces towards the gold-vs-KL frontier. Process 0 writes.
+    """
+    if jax.process_index() != 0:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    panels = [(f"gold P(positive), {n} seeds", keys("objective/gold", "eval/gold")),
-              ("KL to SFT (nats)", keys("objective/kl", "eval/kl_k1"))]
-    plot_curves(rows, panels, workdir / "seeds.png", title=f"{stage} over {n} seeds (vmapped)")
-    pts = [{"kl": r[f"seed{i}/eval/kl_k1"], f"seed{i}": r[f"seed{i}/eval/gold"]}
-           for i in range(n) for r in rows if f"seed{i}/eval/gold" in r]
-    if pts:
-        plot_curves(pts, [("held-out gold P(positive)", [f"seed{i}" for i in range(n)])],
-                    workdir / "seeds_gold_vs_kl.png", title="held-out gold against KL, per seed",
-                    x="kl")
+    def series(i, x, y):
+        pts = [(r[x], r[f"seed{i}/{y}"]) for r in rows if x in r and f"seed{i}/{y}" in r]
+        return tuple(zip(*pts)) if pts else ((), ())
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for i in range(n):
+        c = f"C{i}"
+        for ax, train, held_out in ((axes[0], "objective/gold", "eval/gold"),
+                                    (axes[1], "objective/kl", "eval/kl_k1")):
+            ax.plot(*series(i, "step", train), color=c, lw=0.8, alpha=0.45)
+            ax.plot(*series(i, "step", held_out), "o-", color=c, ms=4, label=f"seed {i}")
+        kl = dict(zip(*series(i, "step", "eval/kl_k1")))
+        gold = dict(zip(*series(i, "step", "eval/gold")))
+        steps = sorted(set(kl) & set(gold))
+        axes[2].plot([kl[t] for t in steps], [gold[t] for t in steps], "o-", color=c, ms=4,
+                     label=f"seed {i}")
+    for ax, (xlabel, ylabel) in zip(axes, (("iteration", "gold P(positive)"),
+                                           ("iteration", "KL to SFT (nats, k1)"),
+                                           ("held-out KL to SFT (nats, k1)",
+                                            "held-out gold P(positive)"))):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{stage} over {n} seeds (vmapped): thin = training rollouts, dots = held-out "
+                 "prompts")
+    fig.tight_layout()
+    out = workdir / "seeds.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def headline(summary: dict) -> list[tuple[str, str, object, str]]:
