@@ -19,6 +19,7 @@ against KL), ``summary.json`` (per seed and mean ± CI of gold, RM score and KL)
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from flax import nnx
@@ -124,9 +125,11 @@ def run(cfg: Config, stage: str, build) -> dict:
         batches = [s.next() for s in streams]
         prompts = jnp.asarray(np.stack([b["tokens"] for b in batches]))
         masks = jnp.asarray(np.stack([b["mask"] for b in batches]))
+        t0 = time.perf_counter()
         states, metrics, resp, rmask = iteration(states, ref_params, rm_params, prompts, masks)
         metrics = jax.device_get(metrics)
         row = {k: float(np.mean(v)) for k, v in metrics.items()}
+        row["perf/iteration_seconds"] = time.perf_counter() - t0  # all seeds; the first compiles
         for i in range(len(seeds)):
             g = gold_of(resp[i], rmask[i])
             if g is not None:
@@ -136,9 +139,11 @@ def run(cfg: Config, stage: str, build) -> dict:
         row.update({f"seed{i}/{k}": float(metrics[k][i]) for k in PER_SEED if k in metrics
                     for i in range(len(seeds))})
         if it % cfg.eval_every == 0 or it == cfg.iterations:
+            t0 = time.perf_counter()
             evals = [run_eval(jax.tree.map(lambda x: x[i], states.params["policy"]), s)
                      for i, s in enumerate(seeds)]
             row.update(eval_row([e[0] for e in evals]))
+            row["perf/eval_seconds"] = time.perf_counter() - t0  # every seed's evaluation
         loop.log(it, row)
         loop.end_step(it, states, data=Streams())
     loop.close()

@@ -286,6 +286,8 @@ def test_grpo_stage_runs_vmapped_seeds_and_saves_the_first(tiny_run, tmp_path):
     # Held-out curves: the SFT policy at step 0, every eval_every and the last iteration, whose
     # evaluation is the one the summary reports.
     assert [r["step"] for r in rows if "seed1/eval/gold" in r] == [0, 2, 3]
+    assert [r["step"] for r in rows if r.get("perf/eval_seconds", 0) > 0] == [2, 3]
+    assert all(r["perf/iteration_seconds"] > 0 for r in rows[1:])
     assert rows[0]["eval/kl_k1"] == 0 and rows[0]["seed1/eval/gold"] == summary["sft"]["gold"]
     assert [rows[-1][f"seed{i}/eval/gold"] for i in (0, 1)] == [a["gold"], b["gold"]]
     assert rows[-1]["eval/gold"] == pytest.approx((a["gold"] + b["gold"]) / 2)
