@@ -19,8 +19,8 @@ against KL), ``summary.json`` (per seed and mean ± CI of gold, RM score and KL)
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
+import time
 
 from flax import nnx
 import jax
