@@ -104,6 +104,10 @@ def run(cfg: Config, stage: str, build) -> dict:
                    "kl_k3": float(np.mean(ev["kl_k3"]))}
         return figures, ev["tokens"], ev["mask"]
 
+    def run_evals():  # every seed's policy in the current state: [(figures, tokens, mask)]
+        return [run_eval(jax.tree.map(lambda x: x[i], states.params["policy"]), s)
+                for i, s in enumerate(seeds)]
+
     class Streams:  # the loop checkpoints every seed's prompt position together
         def get_state(self):
             return [s.get_state() for s in streams]
@@ -140,8 +144,7 @@ def run(cfg: Config, stage: str, build) -> dict:
                     for i in range(len(seeds))})
         if it % cfg.eval_every == 0 or it == cfg.iterations:
             t0 = time.perf_counter()
-            evals = [run_eval(jax.tree.map(lambda x: x[i], states.params["policy"]), s)
-                     for i, s in enumerate(seeds)]
+            evals = run_evals()
             row.update(eval_row([e[0] for e in evals]))
             row["perf/eval_seconds"] = time.perf_counter() - t0  # every seed's evaluation
         loop.log(it, row)
@@ -151,8 +154,7 @@ def run(cfg: Config, stage: str, build) -> dict:
         return {"stage": stage, "stopped_at": loop.last}
 
     if evals is None:  # a re-run after the last checkpoint: nothing ran
-        evals = [run_eval(jax.tree.map(lambda x: x[i], states.params["policy"]), s)
-                 for i, s in enumerate(seeds)]
+        evals = run_evals()
     per_seed = [e[0] for e in evals]
     summary = {"stage": stage, "seeds": seeds, "eval_prompts": int(len(eval_tokens)), "sft": sft,
                "per_seed": per_seed, "ppo": stats.summarize_seeds(per_seed),
@@ -201,22 +203,18 @@ def plot_seeds(rows: list[dict], n: int, workdir: Path, stage: str) -> Path | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def series(i, x, y):
-        pts = [(r[x], r[f"seed{i}/{y}"]) for r in rows if x in r and f"seed{i}/{y}" in r]
+    def series(x, y):  # (xs, ys) over the rows holding both keys
+        pts = [(r[x], r[y]) for r in rows if x in r and y in r]
         return tuple(zip(*pts)) if pts else ((), ())
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for i in range(n):
-        c = f"C{i}"
+        c, held = f"C{i}", dict(ms=4, color=f"C{i}", label=f"seed {i}")
         for ax, train, held_out in ((axes[0], "objective/gold", "eval/gold"),
                                     (axes[1], "objective/kl", "eval/kl_k1")):
-            ax.plot(*series(i, "step", train), color=c, lw=0.8, alpha=0.45)
-            ax.plot(*series(i, "step", held_out), "o-", color=c, ms=4, label=f"seed {i}")
-        kl = dict(zip(*series(i, "step", "eval/kl_k1")))
-        gold = dict(zip(*series(i, "step", "eval/gold")))
-        steps = sorted(set(kl) & set(gold))
-        axes[2].plot([kl[t] for t in steps], [gold[t] for t in steps], "o-", color=c, ms=4,
-                     label=f"seed {i}")
+            ax.plot(*series("step", f"seed{i}/{train}"), color=c, lw=0.8, alpha=0.45)
+            ax.plot(*series("step", f"seed{i}/{held_out}"), "o-", **held)
+        axes[2].plot(*series(f"seed{i}/eval/kl_k1", f"seed{i}/eval/gold"), "o-", **held)
     for ax, (xlabel, ylabel) in zip(axes, (("iteration", "gold P(positive)"),
                                            ("iteration", "KL to SFT (nats, k1)"),
                                            ("held-out KL to SFT (nats, k1)",
