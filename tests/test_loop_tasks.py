@@ -79,6 +79,9 @@ def test_jsonl_task_gives_demonstrations_and_prompts(jsonl_task):
     tokens, mask, texts = task.prompt_set("eval", tok, 8, 4)
     assert tokens.shape == mask.shape == (4, 8) and len(texts) == 4
     assert mask[:, -1].all()  # left-padded: the last position is always real
+    assert len(task.prompt_set("eval", tok, 8)[2]) == 6  # None: the whole split
+    with pytest.raises(ValueError, match="7 prompts asked from split 'eval', which has 6"):
+        task.prompt_set("eval", tok, 8, 7)  # more than the split holds: never fewer, silently
 
 
 def test_jsonl_task_errors_name_the_file_line_and_field(tmp_path):

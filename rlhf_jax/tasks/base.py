@@ -49,8 +49,8 @@ class Task:
         return None, None
 
     def prompt_set(self, split: str, tokenizer, query_len: int, n: int | None = None):
-        """``n`` prompts spread over a split, in a fixed order: ``(tokens [N, Tq] left-padded,
-        mask [N, Tq], texts)``."""
+        """``n`` prompts spread over a split (None: all), in a fixed order: ``(tokens [N, Tq]
+        left-padded, mask [N, Tq], texts)``. A split with fewer than ``n`` is an error."""
         source = self.prompt_source(split)
         recs = [source[int(i)] for i in spread(len(source), n)]
         b = batching.prompt_batches(recs, tokenizer, max_len=query_len,
@@ -61,6 +61,9 @@ class Task:
         rows = list(b)
         if not rows:
             raise ValueError(f"task {self.name!r}: no usable prompts in split {split!r}")
+        if n is not None and len(rows) < n:  # never hand back fewer than asked, silently
+            raise ValueError(f"task {self.name!r}: {n} prompts asked from split {split!r}, which "
+                             f"has {len(rows)}; ask for at most {len(rows)}")
         return (np.concatenate([r["tokens"] for r in rows]),
                 np.concatenate([r["mask"] for r in rows]), [str(r["text"][0]) for r in rows])
 
