@@ -10,6 +10,8 @@ Run::
 
     python -m experiments.ppo --preset default \
         --sft-dir runs/default/sft/final --reward-dir runs/default/reward/final
+    python -m experiments.seeds --preset default --seeds 3 --oracle-reward   # the gold scorer
+                                                      # itself as the reward: the oracle ceiling
 
 Outputs in the workdir: ``ckpt/``, ``metrics.jsonl``, ``tensorboard/``, ``ppo.png`` (gold score,
 RM score, KL against iterations), ``gold_vs_kl.png``, ``samples.md`` (SFT vs PPO responses to the
@@ -36,7 +38,7 @@ from rlhf_jax.metrics import plot_curves, read_metrics
 from rlhf_jax.models.heads import ScalarEnsemble, ScalarHead
 from rlhf_jax.runs import (load_bundle, load_params_into, params_of, save_bundle, write_samples,
                            write_summary)
-from rlhf_jax.scoring import RewardScorer
+from rlhf_jax.scoring import RewardScorer, TextReward
 from rlhf_jax.tasks import get_task
 
 
@@ -54,6 +56,12 @@ class Config(ppo.PPOConfig):
     ``experiments.reward --seeds N``."""
     gold_path: str | None = "runs/default/gold.pkl"
     """Gold scorer used for evaluation only (None or a missing file: no gold metrics)."""
+    oracle_reward: bool = False
+    """Optimise the gold scorer itself instead of the reward model: the reward is its log-odds of
+    positive sentiment on each decoded response (``rlhf_jax.scoring.TextReward``; about unit
+    spread on the SFT policy's samples, like a normalised reward model). The oracle run: the gold
+    score a perfect reward model would give at the same KL. The critic still starts from
+    ``reward_dir``; "RM score" figures are then gold log-odds."""
     task: str = "imdb"
     """Where prompts come from: ``imdb`` or ``jsonl:PATH`` (``rlhf_jax.tasks``)."""
     data_dir: str | None = None
@@ -83,6 +91,9 @@ class Config(ppo.PPOConfig):
         if self.missing_eos_penalty is not None and self.stop_token is None:
             errs.append(f"missing_eos_penalty={self.missing_eos_penalty}: needs --stop-token "
                         "(without one every response would get the penalty)")
+        if self.oracle_reward and not (self.gold_path and Path(self.gold_path).exists()):
+            errs.append(f"oracle_reward needs a gold scorer; gold_path={self.gold_path!r} "
+                        "does not exist")
         return (errs + common.one_of(self, "compute_dtype", ("float32", "bfloat16"))
                 + common.one_of(self, "param_dtype", ("float32", "bfloat16"))
                 + parallel.mesh_errors(self.mesh, self.num_devices))
@@ -131,6 +142,9 @@ def load_models(cfg: Config):
         critic, _, _, _ = load_bundle(cfg.reward_dir, kind="scalar",
                                       compute_dtype=cfg.compute_dtype)
     reward = RewardScorer(nnx.graphdef(rm), tok.eos_id, rm_meta.get("pool", "last"))
+    if cfg.oracle_reward:
+        from rlhf_jax.labelers import GoldSentimentScorer
+        reward = TextReward(GoldSentimentScorer.load(cfg.gold_path).score, tok)
     return policy, rm, critic, mcfg, tok, reward
 
 

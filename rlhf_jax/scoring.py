@@ -10,6 +10,9 @@
   batches with :meth:`RewardScorer.score_tokens`; PPO, evaluation and best-of-N score sampled
   responses with :meth:`RewardScorer.__call__`, which appends the EOS exactly as the training
   data did (:mod:`rlhf_jax.data.batching`).
+* :class:`TextReward`: a reward computed on the host from the decoded response text, called like a
+  :class:`RewardScorer`; with the gold scorer it is the *oracle* reward (PPO against the gold score
+  itself: what a perfect reward model would reach at the same KL).
 
 Layouts: prompts ``[B, Tq]`` are left-padded, responses ``[B, Tr]`` right-padded (real tokens
 first), so ``prompt ++ response`` puts the logits that predict response token ``j`` at position
@@ -19,10 +22,12 @@ first), so ``prompt ++ response`` puts the logits that predict response token ``
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable, Sequence
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax import losses
 from rlhf_jax.masked import check_shapes, masked_mean, masked_sum
@@ -174,6 +179,35 @@ class RewardScorer:
         tokens, mask = concat_prompt_response(prompt_bt, prompt_mask_bt, resp, rmask)
         response_mask = jnp.concatenate([jnp.zeros_like(prompt_mask_bt, bool), rmask], axis=1)
         return self.score_tokens(params, tokens, mask, response_mask)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextReward:
+    """A reward computed on the host from the text of each sampled response, e.g. the gold scorer's
+    log-odds (:class:`rlhf_jax.labelers.GoldSentimentScorer`): ``score_texts(texts) -> [N]``.
+
+    Called like :class:`RewardScorer` (its ``params`` are ignored): the responses are decoded
+    (special tokens dropped) and scored through ``jax.pure_callback``, so it runs inside the jitted
+    PPO iteration and under ``vmap`` over seeds, at the cost of one host round trip per call. It has
+    no gradient and no reward-model weights: PPO against the gold scorer this way is the *oracle*
+    run of Gao et al. (2022), the gold score a perfect reward model would give at the same KL.
+    """
+    score_texts: Callable[[Sequence[str]], Any]
+    tokenizer: Any
+
+    def _host(self, resp, mask):
+        from rlhf_jax.data.batching import decode_rows
+        scores = np.asarray(self.score_texts(decode_rows(self.tokenizer, resp, mask)), np.float32)
+        return scores.reshape(np.shape(resp)[:-1])
+
+    def __call__(self, params, prompt_bt: Array, prompt_mask_bt: Array, resp_bt: Array,
+                 resp_mask_bt: Array) -> Array:
+        """Scores ``[B]`` of sampled responses ``[B, Tr]``."""
+        check_shapes("TextReward", [("resp_bt", resp_bt, "BT"), ("resp_mask_bt", resp_mask_bt,
+                                                                 "BT")])
+        out = jax.ShapeDtypeStruct(resp_bt.shape[:-1], jnp.float32)
+        return jax.pure_callback(self._host, out, resp_bt, resp_mask_bt,
+                                 vmap_method="broadcast_all")
 
 
 def row_sequence_logprobs(lm_def: nnx.GraphDef, params, tokens_nt: Array, mask_nt: Array,

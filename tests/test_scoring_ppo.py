@@ -14,7 +14,7 @@ from rlhf_jax.models.config import PRESETS
 from rlhf_jax.models.heads import ScalarModel
 from rlhf_jax.models.transformer import positions_from_mask, Transformer
 from rlhf_jax.scoring import (append_eos, pool_scores, response_logprobs, RewardScorer,
-                              sequence_logprobs)
+                              sequence_logprobs, TextReward)
 
 CFG = PRESETS["tiny"]
 B, TQ, TR, EOS, PAD = 4, 6, 5, 3, 0
@@ -272,3 +272,33 @@ def test_one_rloo_grpo_iteration_is_one_program_and_trains(models, advantage, kl
                                              state.params["policy"], new.params["policy"])))
     assert moved > 0 and int(new.iteration) == 1
     assert ("kl/loss" in metrics) == (kl_in == "loss")
+
+
+def test_text_reward_scores_the_decoded_responses_under_jit_and_vmap():
+    """The oracle reward: the gold scorer's log-odds of each decoded response, from inside a
+    jitted program and under ``vmap`` over a seed axis (the seeds runner's layout)."""
+    from rlhf_jax.data.batching import decode_rows
+    from rlhf_jax.data.tokenizers import train_bpe
+    from rlhf_jax.labelers import GoldSentimentScorer
+
+    good, bad = "a great film, wonderful and moving", "an awful film, dull and boring"
+    gold = GoldSentimentScorer.fit([good, bad] * 4, [1, 0] * 4)
+    tok = train_bpe([good, bad] * 10, vocab_size=300)
+    rows = [tok.encode(t) for t in (good, bad, "great", "dull and awful")]
+    width = max(len(r) for r in rows) + 2
+    resp = np.zeros((2, 2, width), np.int32)
+    mask = np.zeros((2, 2, width), bool)
+    for i, r in enumerate(rows):
+        resp[i // 2, i % 2, :len(r)] = r
+        mask[i // 2, i % 2, :len(r)] = True
+    reward = TextReward(gold.score, tok)
+    prompt = jnp.ones((2, 3), jnp.int32)  # ignored, as the params are
+    want = gold.score(decode_rows(tok, resp, mask)).reshape(2, 2)
+    assert want[0, 0] > 0 > want[0, 1]  # the scorer tells the two reviews apart
+    per_seed = jax.jit(reward)(None, prompt, prompt > 0, resp[0], mask[0])
+    np.testing.assert_allclose(per_seed, want[0], rtol=1e-6)
+    vmapped = jax.jit(jax.vmap(reward, (None, None, None, 0, 0)))
+    stacked = vmapped(None, prompt, prompt > 0, resp, mask)
+    np.testing.assert_allclose(stacked, want, rtol=1e-6)
+    with pytest.raises(ValueError, match="resp_bt"):
+        reward(None, prompt, prompt > 0, resp, mask)  # [S, B, T] outside vmap: a shape error

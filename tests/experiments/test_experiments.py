@@ -13,6 +13,7 @@ from experiments import collect, common, grpo, pipeline, ppo, reward, seeds, sft
 from rlhf_jax import parallel
 from rlhf_jax import ppo as ppo_lib
 from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.data.batching import decode_rows
 from rlhf_jax.loop import RunMismatchError
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.heads import ScalarEnsemble
@@ -199,6 +200,7 @@ INVALID = [
     (ppo, dict(missing_eos_penalty=-1.0, stop_token=None), "needs --stop-token"),
     (ppo, dict(temperature=0.0), "temperature=0.0"),
     (ppo, dict(eval_prompts=0), "eval_prompts=0"),
+    (ppo, dict(oracle_reward=True, gold_path="nope/gold.pkl"), "oracle_reward needs a gold"),
     (seeds, dict(seeds=0), "seeds=0"),
     (grpo, dict(num_samples=1), "num_samples=1"),
     (grpo, dict(advantage="ppo"), "advantage='ppo'"),
@@ -261,6 +263,29 @@ def test_dpo_raises_the_heldout_accuracy_of_its_implicit_reward(tiny_run, tmp_pa
     assert summary["dpo"]["kl"] > 0 and np.isfinite(summary["dpo"]["rm_score"])
     assert (tmp_path / "dpo" / "final" / "model.json").exists()
     assert (tmp_path / "dpo" / "dpo.png").stat().st_size > 0
+
+
+def test_oracle_reward_scores_each_rollout_with_the_gold_scorer(tiny_run):
+    """``--oracle-reward``: the PPO iteration's reward is the gold scorer's log-odds of its own
+    rollouts (the host callback runs inside the program sharded over the 8 devices)."""
+    from rlhf_jax.labelers import GoldSentimentScorer
+    cfg, _ = tiny_run
+    pcfg = dataclasses.replace(pipeline.stage_configs(cfg)["ppo"], oracle_reward=True)
+    policy, _, critic, _, tok, reward = ppo.load_models(pcfg)
+    lm_def, ref_params = nnx.split(policy)
+    tx = ppo_lib.make_optimizer(pcfg)
+    program = ppo_lib.make_ppo(pcfg, lm_def, nnx.graphdef(critic), reward, tx,
+                               ppo_lib.sampling_config(pcfg, tok.pad_id, None))
+    task = get_task("imdb", cfg.data_dir)
+    tokens, mask, _ = task.prompt_set("train", tok, pcfg.query_len, pcfg.batch_size)
+    mesh = parallel.make_mesh()
+    batch = parallel.shard_batch({"t": tokens, "m": mask}, mesh)
+    _, metrics, resp, rmask = jax.jit(program.iteration)(
+        parallel.replicate(ppo_lib.init_state(pcfg, policy, critic, tx), mesh),
+        parallel.replicate(ref_params, mesh), {}, batch["t"], batch["m"])
+    gold = GoldSentimentScorer.load(pcfg.gold_path).score(decode_rows(tok, resp, rmask))
+    assert float(metrics["objective/scores"]) == pytest.approx(float(np.mean(gold)), rel=1e-5)
+    assert np.std(gold) > 0
 
 
 def test_grpo_stage_runs_vmapped_seeds_and_saves_the_first(tiny_run, tmp_path):
