@@ -93,22 +93,28 @@ def test_killed_ppo_run_resumes_bit_identically(tiny_run, tmp_path):
                 assert rows_killed[r["step"]][k] == r[k], (r["step"], k)
 
 
-def test_one_ppo_iteration_on_8_devices_matches_1_device(tiny_run):
-    cfg, _ = tiny_run
-    pcfg = pipeline.stage_configs(cfg)["ppo"]
+def _ppo_iteration(cfg, pcfg):
+    """``(jitted iteration, state, ref_params, rm_params, tokens, mask, tok)`` of the PPO stage
+    ``pcfg`` on the tiny run's models and one batch of its training prompts (not placed)."""
     policy, rm, critic, _, tok, reward_scorer = ppo.load_models(pcfg)
     lm_def, ref_params = nnx.split(policy)
-    rm_params = nnx.state(rm)
     tx = ppo_lib.make_optimizer(pcfg)
     program = ppo_lib.make_ppo(pcfg, lm_def, nnx.graphdef(critic), reward_scorer, tx,
                                ppo_lib.sampling_config(pcfg, tok.pad_id, None))
-    fn = jax.jit(program.iteration)
     task = get_task("imdb", cfg.data_dir)
     tokens, mask, _ = task.prompt_set("train", tok, pcfg.query_len, pcfg.batch_size)
+    state = ppo_lib.init_state(pcfg, policy, critic, tx)
+    return jax.jit(program.iteration), state, ref_params, nnx.state(rm), tokens, mask, tok
+
+
+def test_one_ppo_iteration_on_8_devices_matches_1_device(tiny_run):
+    cfg, _ = tiny_run
+    fn, state0, ref_params, rm_params, tokens, mask, _ = _ppo_iteration(
+        cfg, pipeline.stage_configs(cfg)["ppo"])
     results = []
     for n in (1, 8):
         mesh = parallel.make_mesh(n)
-        state = parallel.replicate(ppo_lib.init_state(pcfg, policy, critic, tx), mesh)
+        state = parallel.replicate(state0, mesh)
         batch = parallel.shard_batch({"t": tokens, "m": mask}, mesh)
         _, metrics, resp, _ = fn(state, parallel.replicate(ref_params, mesh),
                                  parallel.replicate(rm_params, mesh), batch["t"], batch["m"])
@@ -271,18 +277,11 @@ def test_oracle_reward_scores_each_rollout_with_the_gold_scorer(tiny_run):
     from rlhf_jax.labelers import GoldSentimentScorer
     cfg, _ = tiny_run
     pcfg = dataclasses.replace(pipeline.stage_configs(cfg)["ppo"], oracle_reward=True)
-    policy, _, critic, _, tok, reward = ppo.load_models(pcfg)
-    lm_def, ref_params = nnx.split(policy)
-    tx = ppo_lib.make_optimizer(pcfg)
-    program = ppo_lib.make_ppo(pcfg, lm_def, nnx.graphdef(critic), reward, tx,
-                               ppo_lib.sampling_config(pcfg, tok.pad_id, None))
-    task = get_task("imdb", cfg.data_dir)
-    tokens, mask, _ = task.prompt_set("train", tok, pcfg.query_len, pcfg.batch_size)
+    fn, state, ref_params, _, tokens, mask, tok = _ppo_iteration(cfg, pcfg)
     mesh = parallel.make_mesh()
     batch = parallel.shard_batch({"t": tokens, "m": mask}, mesh)
-    _, metrics, resp, rmask = jax.jit(program.iteration)(
-        parallel.replicate(ppo_lib.init_state(pcfg, policy, critic, tx), mesh),
-        parallel.replicate(ref_params, mesh), {}, batch["t"], batch["m"])
+    _, metrics, resp, rmask = fn(parallel.replicate(state, mesh),
+                                 parallel.replicate(ref_params, mesh), {}, batch["t"], batch["m"])
     gold = GoldSentimentScorer.load(pcfg.gold_path).score(decode_rows(tok, resp, rmask))
     assert float(metrics["objective/scores"]) == pytest.approx(float(np.mean(gold)), rel=1e-5)
     assert np.std(gold) > 0
