@@ -78,15 +78,27 @@ PRESETS = {"default": Config(),
                           dpo_betas=(0.1,), seeds=2, bon_prompts=8, bon_samples=16)}
 
 
-def ppo_points(cfg: Config, out: Path) -> tuple[list[dict], dict]:
+# PPO's points: the adaptive controller at each KL target, starting from this β (whatever the
+# stage preset's own KL penalty is).
+PPO_INIT_KL_COEF = 0.1
+
+
+def ppo_config(cfg: Config, out: Path, kl_target: float) -> seeds_stage.Config:
+    """The seed runner's config of PPO's point at ``kl_target``: the stage preset with the
+    adaptive KL controller (target ``kl_target``, initial β :data:`PPO_INIT_KL_COEF`)."""
     r = Path(cfg.root)
+    return dataclasses.replace(
+        seeds_stage.PRESETS[cfg.preset], workdir=str(out / f"ppo_kl{kl_target:g}"),
+        adaptive_kl=True, kl_coef=PPO_INIT_KL_COEF, kl_target=kl_target, seeds=cfg.seeds,
+        sft_dir=str(r / "sft/final"), reward_dir=str(r / "reward/final"),
+        gold_path=str(r / "gold.pkl"), data_dir=cfg.data_dir,
+        **({"iterations": cfg.iterations} if cfg.iterations else {}))
+
+
+def ppo_points(cfg: Config, out: Path) -> tuple[list[dict], dict]:
     rows = []
     for t in cfg.kl_targets:
-        scfg = dataclasses.replace(
-            seeds_stage.PRESETS[cfg.preset], workdir=str(out / f"ppo_kl{t:g}"), kl_target=t,
-            seeds=cfg.seeds, sft_dir=str(r / "sft/final"), reward_dir=str(r / "reward/final"),
-            gold_path=str(r / "gold.pkl"), data_dir=cfg.data_dir,
-            **({"iterations": cfg.iterations} if cfg.iterations else {}))
+        scfg = ppo_config(cfg, out, t)
         s = read_summary(scfg.workdir) or seeds_stage.train(scfg)
         rows += [{"method": "PPO", "setting": f"KL target {t:g}", "seed": seed, **p}
                  for seed, p in zip(s["seeds"], s["per_seed"])]

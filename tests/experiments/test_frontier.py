@@ -32,3 +32,17 @@ def test_tiny_frontier_writes_every_method_and_reuses_finished_runs(tiny_run):
     again = frontier.train(fcfg, argv=["--preset", "tiny"])  # every run is reused
     assert again["rows"] == result["rows"]
     assert stamps == {p: p.stat().st_mtime for p in out.glob("*/summary.json")}
+
+
+@pytest.mark.parametrize("preset", list(frontier.PRESETS))
+def test_ppo_points_use_the_adaptive_controller_at_their_target_whatever_the_stage_preset(
+        preset, tmp_path):
+    """The stage preset may fix β (the default does); the frontier's PPO points still sweep the
+    adaptive controller's KL target, from the same initial β."""
+    fcfg = frontier.PRESETS[preset]
+    for target in (2.0, 20.0):
+        scfg = frontier.ppo_config(fcfg, tmp_path, target)
+        assert scfg.adaptive_kl and scfg.kl_target == target
+        assert scfg.kl_coef == frontier.PPO_INIT_KL_COEF
+        assert scfg.workdir == str(tmp_path / f"ppo_kl{target:g}")
+        assert scfg.seeds == fcfg.seeds and scfg.sft_dir == f"{fcfg.root}/sft/final"
