@@ -29,6 +29,7 @@ from experiments import common
 from rlhf_jax import stats
 from rlhf_jax.loop import fingerprint_changes
 from rlhf_jax.metrics import read_metrics
+from rlhf_jax.runs import read_summary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +53,10 @@ def load_run(path: str | Path) -> dict:
     """A finished seed run: its summary and its held-out evaluations (metrics rows holding
     ``eval/gold``). Raises ``ValueError`` naming the file and what it lacks."""
     path = Path(path)
-    file = path / "summary.json"
-    if not file.exists():
+    file, summary = path / "summary.json", read_summary(path)
+    if summary is None:
         raise ValueError(f"{file}: not found; expected a finished seed run "
                          f"(python -m experiments.seeds ... --workdir {path})")
-    summary = json.loads(file.read_text())
     missing = [k for k in ("seeds", "per_seed", "config", "sft") if k not in summary]
     if missing:
         raise ValueError(f"{file}: no {', '.join(missing)}; expected the summary of a finished "
