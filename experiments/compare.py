@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+import shlex
 import sys
 
 import numpy as np
@@ -47,6 +48,7 @@ FIGURES = (("gold", "gold P(positive)", ".3f"), ("kl", "KL to SFT (nats)", ".2f"
            ("rm_score", "RM score", ".2f"))
 # Fields that name where a run lives rather than what it does.
 NOT_COMPARED = ("workdir",)
+_MISSING = object()
 
 
 def load_run(path: str | Path) -> dict:
@@ -79,16 +81,18 @@ def _resolved(v):
 def table(runs: list[dict], labels: list[str]) -> list[dict]:
     """One row per run: label, seeds, each figure's :func:`rlhf_jax.stats.mean_ci` over seeds,
     and its config changes from the first run."""
-    def fields(s):
-        return {"config": {k: _resolved(v) for k, v in s["config"].items()
-                           if k not in NOT_COMPARED}}
+    def changes(a: dict, b: dict) -> list[str]:  # shown as written, compared as resolved
+        keys = sorted((set(a) | set(b)) - set(NOT_COMPARED))
+        diff = [k for k in keys if _resolved(a.get(k, _MISSING)) != _resolved(b.get(k, _MISSING))]
+        return fingerprint_changes({"config": {k: a[k] for k in diff if k in a}},
+                                   {"config": {k: b[k] for k in diff if k in b}})
 
-    base = fields(runs[0]["summary"])
+    base = runs[0]["summary"]["config"]
     rows = []
     for run, label in zip(runs, labels):
         s = run["summary"]
         row = {"label": label, "path": run["path"], "seeds": s["seeds"],
-               "changes": fingerprint_changes(base, fields(s))}
+               "changes": changes(base, s["config"])}
         for name, _, _ in FIGURES:
             values = [p.get(name) for p in s["per_seed"]]
             row[name] = None if None in values else stats.mean_ci(values)
@@ -106,7 +110,7 @@ def markdown(rows: list[dict], argv: list[str]) -> str:
     head = ["run", "seeds"] + [f"{title}{part}" for _, title, _ in FIGURES
                                for part in ("", ", per seed")]
     lines = ["# Seed runs compared", "",
-             f"Command: `python -m experiments.compare {' '.join(argv)}`", "",
+             f"Command: `python -m experiments.compare {shlex.join(argv)}`", "",
              "Held-out figures at the end of each run; mean ± 95% CI (Student's t) over seeds.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -122,34 +126,42 @@ def markdown(rows: list[dict], argv: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: list[dict], labels: list[str], out: Path) -> Path:
-    """``compare.png``: held-out gold against held-out KL, each run's mean path over seeds and
-    each seed's final point."""
+def plot(runs: list[dict], rows: list[dict], out: Path) -> Path:
+    """``compare.png``: held-out gold against held-out KL. Left, each run's path (the mean over
+    seeds at every evaluation) and each seed's end; right, the ends only: every seed and the mean
+    with its 95% CI on both axes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for i, (run, label) in enumerate(zip(runs, labels)):
-        c, s = f"C{i}", run["summary"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    markers = "o^sDvP*Xh<>p"
+    for i, (run, row) in enumerate(zip(runs, rows)):
+        c, m = f"C{i % 10}", markers[i % len(markers)]
+        kl, gold = row["kl"]["values"], row["gold"]["values"]
         if run["evals"]:
-            ax.plot([r["eval/kl_k1"] for r in run["evals"]],
-                    [r["eval/gold"] for r in run["evals"]], "o-", color=c, ms=3, lw=1,
-                    alpha=0.6)
-        kl = [p["kl"] for p in s["per_seed"]]
-        gold = [p["gold"] for p in s["per_seed"]]
-        ax.scatter(kl, gold, color=c, s=14, alpha=0.8)
-        ax.plot(np.mean(kl), np.mean(gold), "*", color=c, ms=12, mec="k", mew=0.5,
-                label=f"{label} ({len(kl)} seeds)")
-    ax.set_xlabel("held-out KL to SFT (nats per response, k1)")
-    ax.set_ylabel("held-out gold P(positive)")
-    ax.set_title("lines: mean over seeds at each evaluation; dots: each seed's end; stars: mean",
-                 fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+            left.plot([r["eval/kl_k1"] for r in run["evals"]],
+                      [r["eval/gold"] for r in run["evals"]], "-", marker=m, color=c, ms=4,
+                      lw=1, alpha=0.7, label=f"{row['label']} ({len(kl)} seeds)")
+        else:
+            left.plot([], [], marker=m, color=c, label=f"{row['label']} ({len(kl)} seeds)")
+        left.scatter(kl, gold, color=c, marker=m, s=10, alpha=0.5)
+        right.scatter(kl, gold, color=c, marker=m, s=16, alpha=0.45)
+        err = [[0 if np.isnan(f["half_width"]) else f["half_width"]]
+               for f in (row["kl"], row["gold"])]
+        right.errorbar(row["kl"]["mean"], row["gold"]["mean"], xerr=err[0], yerr=err[1],
+                       marker=m, color=c, ms=9, mec="k", mew=0.6, capsize=3, lw=1.2)
+    for ax in (left, right):
+        ax.set_xlabel("held-out KL to SFT (nats per response, k1)")
+        ax.set_ylabel("held-out gold P(positive)")
+        ax.grid(alpha=0.3)
+    left.set_title("each run's mean over seeds at every evaluation; small: each seed's end",
+                   fontsize=9)
+    right.set_title("the ends: each seed, and the mean ± 95% CI (t) on both axes", fontsize=9)
+    left.legend(fontsize=7)
     fig.tight_layout()
     path = out / "compare.png"
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -174,7 +186,7 @@ def train(cfg: Config, argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     (out / "compare.md").write_text(markdown(rows, argv))
     (out / "compare.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    plot(runs, labels, out)
+    plot(runs, rows, out)
     print(markdown(rows, argv))
     return {"rows": rows}
 

@@ -32,8 +32,8 @@ def test_two_runs_are_tabled_with_their_seeds_and_config_changes(tmp_path, monke
     # The same SFT folder named by its absolute path is not a change; kl_coef and adaptive_kl are.
     _seed_run(b, [0.93, 0.95], [12.0, 12.5],
               {"kl_coef": 0.11, "adaptive_kl": False, "sft_dir": str(tmp_path / "sft")})
-    argv = ["--runs", str(a), str(b), "--labels", "adaptive", "fixed"]
-    out = compare.train(compare.Config(runs=(str(a), str(b)), labels=("adaptive", "fixed"),
+    argv = ["--runs", str(a), str(b), "--labels", "adaptive β", "fixed"]  # as the shell split them
+    out = compare.train(compare.Config(runs=(str(a), str(b)), labels=("adaptive β", "fixed"),
                                        out=str(tmp_path / "cmp")), argv=argv)
     first, second = out["rows"]
     assert first["gold"]["mean"] == pytest.approx(0.91)
@@ -43,10 +43,10 @@ def test_two_runs_are_tabled_with_their_seeds_and_config_changes(tmp_path, monke
     assert second["changes"] == ["adaptive_kl: True → False", "kl_coef: 0.1 → 0.11"]
     md = (tmp_path / "cmp" / "compare.md").read_text()
     half = stats.mean_ci([0.90, 0.92, 0.91])["half_width"]
-    assert f"| adaptive | 3 | 0.910 ± {half:.3f} | 0.900 / 0.920 / 0.910 |" in md
+    assert f"| adaptive β | 3 | 0.910 ± {half:.3f} | 0.900 / 0.920 / 0.910 |" in md
     assert "| fixed | 2 | 0.940 ± " in md and "12.00 / 12.50" in md
     assert "`adaptive_kl: True → False`; `kl_coef: 0.1 → 0.11`" in md
-    assert "python -m experiments.compare --runs" in md
+    assert f"python -m experiments.compare --runs {a} {b} --labels 'adaptive β' fixed`" in md
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"][1]["seeds"] == [0, 1]
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
     assert [r["eval/gold"] for r in compare.load_run(a)["evals"]] == [0.5, 0.91]
@@ -55,9 +55,11 @@ def test_two_runs_are_tabled_with_their_seeds_and_config_changes(tmp_path, monke
 def test_one_seed_has_no_interval_and_prints_no_spread(tmp_path):
     a = tmp_path / "a"
     _seed_run(a, [0.9], [10.0], {"kl_coef": 0.1})
-    rows = compare.table([compare.load_run(a)], ["one"])
+    run = compare.load_run(a)
+    rows = compare.table([run], ["one"])
     assert np.isnan(rows[0]["gold"]["half_width"])
     assert "| one | 1 | 0.900 | 0.900 |" in compare.markdown(rows, [])
+    assert compare.plot([run], rows, tmp_path).stat().st_size > 10_000  # no error bar, no path
 
 
 @pytest.mark.parametrize("case, message", [
