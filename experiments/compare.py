@@ -10,10 +10,11 @@ Run::
 Writes ``<out>/compare.md``: one row per run with gold P(positive), KL to the SFT policy (k1, nats
 per response) and reward-model score as mean ± 95% CI over its seeds and every seed's value, then
 what each run's config changes from the first run's (``field: first → this``); and
-``<out>/compare.png``: held-out gold against held-out KL, each run's mean over seeds at every
-evaluation (a path from the SFT policy at the origin) and each seed's final point. Runs that
-evaluated only at the end show their final points alone. Only finished runs (a ``summary.json``
-with every seed's figures) are compared.
+``<out>/compare.png``: held-out gold against held-out KL, on the left each run's mean over seeds at
+every evaluation (a path from the SFT policy at the origin; runs that evaluated only at the end
+show their final points alone), on the right the ends: every seed and the mean ± 95% CI on both
+axes. Only finished runs (a ``summary.json`` with every seed's figures) are compared; runs without
+a gold scorer are in the table, not in the figure.
 """
 from __future__ import annotations
 
@@ -137,6 +138,8 @@ def plot(runs: list[dict], rows: list[dict], out: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     markers = "o^sDvP*Xh<>p"
     for i, (run, row) in enumerate(zip(runs, rows)):
+        if row["gold"] is None or row["kl"] is None:  # no gold scorer: nothing to place
+            continue
         c, m = f"C{i % 10}", markers[i % len(markers)]
         kl, gold = row["kl"]["values"], row["gold"]["values"]
         if run["evals"]:

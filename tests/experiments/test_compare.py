@@ -62,6 +62,22 @@ def test_one_seed_has_no_interval_and_prints_no_spread(tmp_path):
     assert compare.plot([run], rows, tmp_path).stat().st_size > 10_000  # no error bar, no path
 
 
+def test_a_run_without_a_gold_scorer_is_tabled_but_not_plotted(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _seed_run(a, [0.9, 0.8], [10.0, 9.0], {"kl_coef": 0.1})
+    _seed_run(b, [0.9, 0.8], [10.0, 9.0], {"kl_coef": 0.1, "gold_path": None})
+    summary = json.loads((b / "summary.json").read_text())
+    for p in summary["per_seed"]:
+        p["gold"] = None
+    (b / "summary.json").write_text(json.dumps(summary))
+    runs = [compare.load_run(a), compare.load_run(b)]
+    rows = compare.table(runs, ["gold", "no gold"])
+    assert rows[1]["gold"] is None and rows[1]["kl"]["values"] == [10.0, 9.0]
+    assert "| no gold | 2 | — | — | 9.50 ± " in compare.markdown(rows, [])
+    assert rows[1]["changes"] == ["gold_path: (not set) → None"]
+    assert compare.plot(runs, rows, tmp_path).exists()
+
+
 @pytest.mark.parametrize("case, message", [
     ("labels", "1 labels for 2 runs"),
     ("missing", "summary.json: not found"),
