@@ -1,13 +1,17 @@
-"""New tokens per second: our compiled KV-cache sampler vs Hugging Face ``generate`` (PyTorch CPU).
+"""New tokens per second: our compiled KV-cache sampler vs Hugging Face ``generate`` (PyTorch).
 
 Both sides run the same randomly initialised GPT-2 weights (built in torch, written with
 ``save_pretrained``, read back by ``rlhf_jax.models.hf.load_pretrained``), the same batch of
-64-token prompts, 64 new tokens with EOS stopping disabled (``min_new_tokens=64``), plain sampling
-at temperature 1 (no top-k / top-p), the KV cache on, f32, and all CPU cores
-(``torch.set_num_threads``). Figures are the median over ``--repeats`` runs after one warm-up;
-our compile time (first call minus a run) is reported separately. ``--compute-dtype bfloat16``
-adds rows for our sampler with bf16 matmuls (f32 accumulation); the f32 rows are the
-like-for-like comparison.
+64-token prompts, ``--new-tokens`` (64) new tokens with EOS stopping disabled
+(``min_new_tokens``), plain sampling at temperature 1 (no top-k / top-p), the KV cache on, f32,
+and all CPU cores (``torch.set_num_threads``). Figures are the median over ``--repeats`` runs after
+one warm-up; our compile time (first call minus a run) is reported separately.
+``--compute-dtype bfloat16`` adds rows for our sampler with bf16 matmuls (f32 accumulation); the
+f32 rows are the like-for-like comparison, unless ``--hf-bf16`` also times HF with bf16 weights,
+which our bf16 rows are then compared with.
+
+On a GPU: ``BENCH_TORCH_DEVICE=cuda`` puts the HF model on the GPU (f32 matmuls in TF32, as JAX
+does by default there); JAX uses its default device.
 
 Run (the table is printed; ``--out`` rewrites the "## Generation" section of RESULTS.md)::
 
@@ -32,7 +36,6 @@ import time
 import numpy as np
 
 PROMPT_LEN = 64
-NEW_TOKENS = 64
 SECTION = "## Generation"
 
 
@@ -74,32 +77,39 @@ def _time(fn, repeats: int) -> list[float]:
     return times
 
 
-def bench_hf(model, prompts: np.ndarray, repeats: int) -> float:
-    """Median seconds of one ``generate`` call (after one warm-up call)."""
+def torch_device() -> str:
+    """``cuda`` when ``BENCH_TORCH_DEVICE=cuda`` (the baselines' switch), else ``cpu``."""
+    return "cuda" if os.environ.get("BENCH_TORCH_DEVICE", "cpu") == "cuda" else "cpu"
+
+
+def bench_hf(model, prompts: np.ndarray, repeats: int, new_tokens: int) -> float:
+    """Median seconds of one ``generate`` call (after one warm-up call), on the model's device."""
     import torch
-    ids = torch.from_numpy(prompts.astype(np.int64))
+    ids = torch.from_numpy(prompts.astype(np.int64)).to(model.device)
     mask = torch.ones_like(ids)
     eos = model.config.eos_token_id
 
     def run():
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
-                                 temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=NEW_TOKENS,
-                                 min_new_tokens=NEW_TOKENS, use_cache=True, eos_token_id=eos,
+                                 temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, use_cache=True, eos_token_id=eos,
                                  pad_token_id=eos)
-        assert out.shape == (ids.shape[0], PROMPT_LEN + NEW_TOKENS), out.shape
+        out = out.cpu()  # waits for the device
+        assert out.shape == (ids.shape[0], PROMPT_LEN + new_tokens), out.shape
 
     run()
     return statistics.median(_time(run, repeats))
 
 
-def bench_ours(model, prompts: np.ndarray, repeats: int, eos: int) -> tuple[float, float]:
+def bench_ours(model, prompts: np.ndarray, repeats: int, eos: int,
+               new_tokens: int) -> tuple[float, float]:
     """(median seconds of one compiled ``sample`` call, compile seconds)."""
     import jax
 
     from rlhf_jax import generation
-    cfg = generation.SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, eos_id=eos,
-                                    pad_id=eos, min_new_tokens=NEW_TOKENS)
+    cfg = generation.SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, eos_id=eos,
+                                    pad_id=eos, min_new_tokens=new_tokens)
     tokens = jax.numpy.asarray(prompts, jax.numpy.int32)
     mask = jax.numpy.ones(prompts.shape, bool)
     calls = iter(range(10 ** 9))
@@ -127,7 +137,9 @@ def machine() -> str:
     import jax
     import torch
     import transformers
-    return (f"{cpu}, {os.cpu_count()} cores visible, Python {platform.python_version()}, "
+    gpu = (f"{torch.cuda.get_device_name(0)} (torch on cuda, TF32), "
+           if torch_device() == "cuda" else "")
+    return (f"{gpu}{cpu}, {os.cpu_count()} cores visible, Python {platform.python_version()}, "
             f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
 
@@ -135,11 +147,12 @@ def machine() -> str:
 def markdown(rows: list[Row], args, where: str) -> str:
     lines = [
         SECTION, "",
-        f"`benchmarks/generation.py` — new tokens/s sampling {NEW_TOKENS} tokens after a "
+        f"`benchmarks/generation.py` — new tokens/s sampling {args.new_tokens} tokens after a "
         f"{PROMPT_LEN}-token prompt (EOS stopping off, temperature 1, no top-k/top-p, KV cache "
         f"on), random GPT-2 weights shared by both sides. Median of {args.repeats} runs after "
         "one warm-up; our compile time is separate. \"ratio\" = ours / HF at the same batch; the "
-        "f32 rows are like-for-like, bf16 rows use bf16 matmuls with f32 accumulation.", "",
+        "f32 rows are like-for-like, bf16 rows use bf16 matmuls with f32 accumulation (and are "
+        "compared with HF's bf16 row where there is one).", "",
         f"Machine: {where}. Run {datetime.date.today().isoformat()}: "
         f"`{shlex.join(['python', 'benchmarks/generation.py'] + sys.argv[1:])}`.", "",
         "| model | implementation | batch | new tokens/s | s / call | compile s | ratio vs HF |",
@@ -172,7 +185,10 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compute-dtype", action="append", choices=["float32", "bfloat16"],
                         default=[], help="extra compute dtypes for ours (float32 always runs)")
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--hf-bf16", action="store_true",
+                        help="also time HF generate with bf16 weights (our bf16 rows' reference)")
     parser.add_argument("--note", default="", help="a line appended under the table")
     parser.add_argument("--out", type=pathlib.Path, nargs="?",
                         const=pathlib.Path(__file__).with_name("RESULTS.md"), default=None,
@@ -181,6 +197,8 @@ def main(argv=None) -> None:
 
     import torch
     torch.set_num_threads(os.cpu_count())
+    if torch_device() == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     from transformers import GPT2LMHeadModel
 
     from rlhf_jax.models.hf import load_pretrained
@@ -197,18 +215,24 @@ def main(argv=None) -> None:
         rng = np.random.default_rng(0)
         for batch in args.batch_sizes:
             prompts = rng.integers(0, hf_cfg.vocab_size - 1, (batch, PROMPT_LEN))
-            hf_tps = None
-            if not args.skip_hf:
-                hf_s = bench_hf(hf_model, prompts, args.repeats)
-                hf_tps = batch * NEW_TOKENS / hf_s
-                rows.append(Row(name, "HF transformers generate (torch, f32)", batch, hf_tps, hf_s))
+            hf_tps: dict[str, float] = {}
+            hf_dtypes = ["float32"] + (["bfloat16"] if args.hf_bf16 else [])
+            for dtype in [] if args.skip_hf else hf_dtypes:
+                model = hf_model.to(device=torch_device(), dtype=getattr(torch, dtype))
+                hf_s = bench_hf(model, prompts, args.repeats, args.new_tokens)
+                hf_tps[dtype] = batch * args.new_tokens / hf_s
+                label = "f32" if dtype == "float32" else "bf16"
+                rows.append(Row(name, f"HF transformers generate (torch, {label})", batch,
+                                hf_tps[dtype], hf_s))
                 print(rows[-1], flush=True)
+            hf_model.to(device="cpu", dtype=torch.float32)
             for dtype in dtypes:
                 run_s, compile_s = bench_ours(ours[dtype], prompts, args.repeats,
-                                              hf_cfg.eos_token_id)
+                                              hf_cfg.eos_token_id, args.new_tokens)
                 label = "f32" if dtype == "float32" else "bf16"
                 rows.append(Row(name, f"rlhf_jax sample ({label})", batch,
-                                batch * NEW_TOKENS / run_s, run_s, compile_s, hf_tps))
+                                batch * args.new_tokens / run_s, run_s, compile_s,
+                                hf_tps.get(dtype, hf_tps.get("float32"))))
                 print(rows[-1], flush=True)
     where = machine()
     section = markdown(rows, args, where)

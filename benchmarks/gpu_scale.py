@@ -60,18 +60,27 @@ class Case:
     response: int
     epochs: int = 4
     minibatches: int = 2
+    dtype: str = "bfloat16"
+    """Compute dtype on a GPU (``--tiny`` runs everything in f32)."""
 
 
 def cases(tiny: bool) -> list[Case]:
     if tiny:
         return [Case("gpt2-shape", TINY_GPT2, 8, 8, 8, 2, 2),
                 Case("llama-shape", TINY_LLAMA, 8, 8, 8, 2, 2)]
-    return [Case("gpt2-124m", MODEL_PRESETS["gpt2"], 64, 64, 64),
+    # GPT-2 in f32 (TF32 matmuls, JAX's GPU default) like TRL's side; the 1.1B shape in bf16.
+    return [Case("gpt2-124m", MODEL_PRESETS["gpt2"], 64, 64, 64, dtype="float32"),
             Case("llama-1.1b", LLAMA_1B, 16, 64, 64, 2, 2)]
 
 
+FIRST_CALLS: list[float] = []
+"""Seconds of each ``best_seconds`` call's first (compiling) call, in order."""
+
+
 def best_seconds(fn, reps: int) -> float:
+    t0 = time.perf_counter()
     jax.block_until_ready(fn())  # compile
+    FIRST_CALLS.append(time.perf_counter() - t0)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -149,9 +158,11 @@ def ppo_case(c: Case, reps: int, mesh, dtype: str) -> dict:
     rng = np.random.default_rng(1)
     batch = parallel.shard_batch({"t": rng.integers(0, pad, (c.batch, c.query)).astype(np.int32),
                                   "m": np.ones((c.batch, c.query), bool)}, mesh)
+    t0 = time.perf_counter()
     iteration, memory = parallel.compile_with_memory(
         jax.jit(program.iteration, donate_argnums=(0,)), state, ref, rm_params, batch["t"],
         batch["m"])
+    compile_s = time.perf_counter() - t0
     box = {"s": state}
 
     def one():
@@ -171,7 +182,9 @@ def ppo_case(c: Case, reps: int, mesh, dtype: str) -> dict:
     update_s = best_seconds(update_once, reps)
     return {"case": c.name, "shape": dataclasses.asdict(c.model), "batch": c.batch,
             "query": c.query, "response": c.response, "epochs": c.epochs,
-            "minibatches": c.minibatches, "iteration_s": iter_s, "update_s": update_s,
+            "minibatches": c.minibatches, "compute_dtype": dtype, "iteration_s": iter_s,
+            "iteration_compile_s": compile_s, "update_first_call_s": FIRST_CALLS[-1],
+            "update_s": update_s,
             "update_flops": update_flops(c), "memory_per_device": memory}
 
 
@@ -194,7 +207,8 @@ def sampling_case(cfg: ModelConfig, batch: int, query: int, new: int, reps: int,
     mean_slots = query + new / 2
     bytes_per_step = param_bytes + kv_per_slot * mean_slots
     return {"shape": dataclasses.asdict(cfg), "batch": batch, "query": query, "new_tokens": new,
-            "seconds": s, "tokens_per_s": batch * new / s, "param_bytes": param_bytes,
+            "compute_dtype": dtype, "seconds": s, "first_call_s": FIRST_CALLS[-1],
+            "tokens_per_s": batch * new / s, "param_bytes": param_bytes,
             "bytes_per_step": bytes_per_step}
 
 
@@ -215,31 +229,44 @@ def main(argv=None) -> dict:
     bw = bandwidth((8 << 20) if args.tiny else (2 << 30), args.reps)
     out = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(),
            "mesh": dict(mesh.shape), "jax": jax.__version__, "tiny": args.tiny,
-           "compute_dtype": dtype,
            "bf16_matmul_flops_per_s": peak, "bandwidth_bytes_per_s": bw, "ppo": []}
+
+    def save():  # after every part, so a run stopped at its time limit keeps what it measured
+        out["total_seconds"] = time.perf_counter() - t_start
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(json.dumps(out, indent=2, default=str) + "\n")
+
+    save()
     print(f"[gpu_scale] {out['device']}: bf16 matmul {peak / 1e12:.2f} TFLOP/s, "
           f"bandwidth {bw / 1e9:.1f} GB/s", flush=True)
-    for c in cases(args.tiny):
-        if c.name in args.skip:
-            continue
-        r = ppo_case(c, args.reps, mesh, dtype)
+    # Sampling before the 1.1B case: that case's compile is the longest, and a run stopped at
+    # its time limit should still have the GPT-2 figures.
+    ppo_cases = [c for c in cases(args.tiny) if c.name not in args.skip]
+
+    def run_ppo(c: Case) -> None:
+        r = ppo_case(c, args.reps, mesh, "float32" if args.tiny else c.dtype)
         r["update_mfu"] = r["update_flops"] / r["update_s"] / peak / jax.device_count()
         out["ppo"].append(r)
-        print(f"[gpu_scale] PPO {c.name} B={c.batch}: {r['iteration_s']:.3f} s/iter, update "
-              f"{r['update_s']:.3f} s, MFU {r['update_mfu']:.1%}", flush=True)
+        save()
+        print(f"[gpu_scale] PPO {c.name} B={c.batch} ({r['compute_dtype']}): "
+              f"{r['iteration_s']:.3f} s/iter (compile {r['iteration_compile_s']:.0f} s), "
+              f"update {r['update_s']:.3f} s, MFU {r['update_mfu']:.1%} of the bf16 rate",
+              flush=True)
+
+    for c in ppo_cases[:1]:
+        run_ppo(c)
     sc = sampling_case(TINY_GPT2 if args.tiny else MODEL_PRESETS["gpt2"], 16 if args.tiny else 128,
                        8 if args.tiny else 64, 8 if args.tiny else 128, args.reps, mesh, dtype)
     sc["bound_tokens_per_s"] = sc["batch"] * bw / sc["bytes_per_step"]
     sc["fraction_of_bound"] = sc["tokens_per_s"] / sc["bound_tokens_per_s"]
     out["sampling"] = sc
+    save()
     print(f"[gpu_scale] sampling B={sc['batch']}: {sc['tokens_per_s']:.0f} tokens/s, "
           f"{sc['fraction_of_bound']:.1%} of the bandwidth bound", flush=True)
-    out["total_seconds"] = time.perf_counter() - t_start
-    text = json.dumps(out, indent=2, default=str)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    for c in ppo_cases[1:]:
+        run_ppo(c)
+    print(json.dumps(out, indent=2, default=str))
     return out
 
 

@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# The benchmark suite on a GPU machine that has jax[cuda], torch and transformers but no network:
-# TRL and its missing dependencies are installed from wheels in .whl/ (if present) into /tmp/site.
-# Results go to ${OUT:-benchmarks/out}/gpu_*.json; render with `python benchmarks/common.py`.
+# The GPU benchmarks in one command (one GPU, about 8 minutes), each step under its own time limit
+# so that a slow one cannot take the others with it:
+#   1. benchmarks/gpu_scale.py: bf16 matmul rate, bandwidth, our PPO iteration at GPT-2-124M
+#      (batch 64, 64 + 64 tokens, f32/TF32) and at a 1.1B Llama shape (bf16), the update's MFU,
+#      sampling at batch 128 against the bandwidth bound;
+#   2. TRL's PPO iteration at the same GPT-2 case (benchmarks/baseline/trl_ppo.py --cases gpt2-b64);
+#   3. HF generate vs our sampler at batch 128, 64 + 128 tokens, f32 and bf16 on both sides.
+# The machine needs jax[cuda], torch and transformers; TRL and anything else missing can be
+# installed from wheels in .whl/ (if present) into /tmp/site, with no network.
+# Results go to ${OUT:-benchmarks/out}/gpu_*; RESULTS.md's H200 section is written from them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
@@ -14,19 +21,13 @@ else
     export PYTHONPATH=$PWD
 fi
 export BENCH_TORCH_DEVICE=cuda PYTHONUNBUFFERED=1 TRL_EXPERIMENTAL_SILENCE=1
-export XLA_PYTHON_CLIENT_MEM_FRACTION=0.5
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-T=${BENCH_STEP_TIMEOUT:-150}
-for case in tiny gpt2; do
-    timeout "$T" python3 benchmarks/ppo.py --cases $case --iters 5 \
-        --out "$OUT/gpu_jax_ppo_$case.json" | grep -E '"median"' | head -2
-    timeout "$T" python3 benchmarks/baseline/trl_ppo.py --cases $case --warmup 2 --iters 5 \
-        --out "$OUT/gpu_trl_ppo_$case.json" | grep -E '"median"' | head -2
-done
-timeout "$T" python3 benchmarks/train_steps.py --iters 5 --out "$OUT/gpu_jax_steps.json" \
-    | grep -E '"median"'
-timeout "$T" python3 benchmarks/baseline/trl_sft.py --warmup 2 --iters 5 --loss-type nll \
-    --out "$OUT/gpu_trl_sft.json" | grep -E '"median"' | head -1
-timeout "$T" python3 benchmarks/baseline/trl_reward.py --warmup 2 --iters 5 \
-    --out "$OUT/gpu_trl_reward.json" | grep -E '"median"' | head -1
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+timeout "${GPU_SCALE_TIMEOUT:-270}" python3 benchmarks/gpu_scale.py \
+    --out "$OUT/gpu_scale.json" 2>&1 | grep -v '^ \|^{\|^}' | tee "$OUT/gpu_scale.log"
+timeout "${TRL_TIMEOUT:-90}" python3 benchmarks/baseline/trl_ppo.py --cases gpt2-b64 \
+    --warmup 1 --iters 3 --out "$OUT/gpu_trl_ppo_gpt2_b64.json" 2>&1 \
+    | grep -E '^# trl|Error|error' | tee "$OUT/gpu_trl.log"
+timeout "${GEN_TIMEOUT:-80}" python3 benchmarks/generation.py --configs gpt2 --batch-sizes 128 \
+    --new-tokens 128 --repeats 3 --compute-dtype bfloat16 --hf-bf16 2>&1 \
+    | grep -v Warning | tee "$OUT/gpu_generation.md"
 ls -la "$OUT"

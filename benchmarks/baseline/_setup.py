@@ -67,6 +67,14 @@ def on_gpu() -> bool:
     return os.environ.get("BENCH_TORCH_DEVICE", "cpu") == "cuda"
 
 
+def torch_label() -> str:
+    """What the timed torch code ran on, for the results' machine record."""
+    if on_gpu():
+        import torch
+        return f"{torch.cuda.get_device_name(0)} (torch, cuda)"
+    return "cpu (torch)"
+
+
 def setup_torch(seed: int = 0) -> int:
     """f32 everywhere, all cores; returns the thread count.
 

@@ -30,10 +30,13 @@ import time
 import _setup
 from _setup import common
 
-#: Cases of the benchmark issue: batch, query, response, epochs, minibatches.
+#: Cases of the benchmark issue: batch, query, response, epochs, minibatches (and the model shape
+#: in ``_setup.SHAPES`` where it is not the case's name). ``gpt2-b64`` is
+#: ``benchmarks/gpu_scale.py``'s GPT-2 case.
 CASES = {
     "tiny": dict(batch=8, query=16, response=16, epochs=4, minibatches=1),
     "gpt2": dict(batch=16, query=64, response=32, epochs=4, minibatches=2),
+    "gpt2-b64": dict(batch=64, query=64, response=64, epochs=4, minibatches=2, shape="gpt2"),
 }
 
 
@@ -44,15 +47,16 @@ def run_case(name: str, warmup: int, iters: int) -> dict:
     from trl.experimental.ppo import ppo_trainer as ppo_module
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    c = CASES[name]
+    c = dict(CASES[name])
+    shape = c.pop("shape", name)
     threads = _setup.setup_torch(0)
     tok = _setup.gpt2_tokenizer()
-    cfg = _setup.gpt2_config(name)
+    cfg = _setup.gpt2_config(shape)
     policy = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     policy.generation_config.eos_token_id = None
     policy.generation_config.pad_token_id = _setup.EOS_ID
     ref = copy.deepcopy(policy)
-    cfg_scalar = _setup.gpt2_config(name, num_labels=1)
+    cfg_scalar = _setup.gpt2_config(shape, num_labels=1)
     reward = AutoModelForSequenceClassification.from_config(cfg_scalar, dtype=torch.float32)
     value = AutoModelForSequenceClassification.from_config(cfg_scalar, dtype=torch.float32)
 
@@ -106,10 +110,10 @@ def run_case(name: str, warmup: int, iters: int) -> dict:
     timing = common.summarize(steps[warmup:], first=steps[0])
     upd = common.summarize(updates[warmup:])
     seq = c["query"] + c["response"]
-    n_layer, d, _, _ = _setup.SHAPES[name]
+    n_layer, d, _, _ = _setup.SHAPES[shape]
     update_flops = common.ppo_update_flops(n_layer, d, _setup.VOCAB, c["batch"], seq, c["epochs"],
                                            c["response"])
-    config = dict(layers=n_layer, d_model=d, heads=_setup.SHAPES[name][2], vocab=_setup.VOCAB,
+    config = dict(layers=n_layer, d_model=d, heads=_setup.SHAPES[shape][2], vocab=_setup.VOCAB,
                   **c, temperature=0.7, threads=threads)
     return common.record(
         "ppo", name, "trl", timing, unit="s/iter", dtype="float32", config=config,
@@ -124,7 +128,7 @@ def run_case(name: str, warmup: int, iters: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--cases", nargs="+", default=["tiny", "gpt2"], choices=list(CASES))
     p.add_argument("--warmup", type=int, default=None,
                    help="dropped iterations (default 2; 1 for gpt2: ~1.5 min each)")
     p.add_argument("--iters", type=int, default=None,
@@ -134,14 +138,14 @@ def main() -> None:
     q = common.quick()
     recs = []
     for name in a.cases:
-        big = name == "gpt2"
+        big = name.startswith("gpt2")
         warmup = a.warmup if a.warmup is not None else (1 if q or big else 2)
         iters = a.iters if a.iters is not None else (2 if q else 3 if big else 5)
         r = run_case(name, warmup, iters)
         r["quick"] = q
         recs.append(r)
         print(f"# trl ppo {name}: median {r['median']:.3f} s/iter, runs {r['runs']}", flush=True)
-    common.write_results(a.out, recs, common.machine_info("cpu (torch)"))
+    common.write_results(a.out, recs, common.machine_info(_setup.torch_label()))
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def main() -> None:
     a = p.parse_args()
     r = run(*_setup.iteration_counts(a.warmup, a.iters), shape=a.shape)
     print(f"# trl reward: median {r['median']:.3f} s/step, runs {r['runs']}", flush=True)
-    common.write_results(a.out, [r], common.machine_info("cpu (torch)"))
+    common.write_results(a.out, [r], common.machine_info(_setup.torch_label()))
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def main() -> None:
     best["alternatives"] = {r["config"]["loss_type"]: r["median"] for r in runs}
     best["notes"] = "fastest TRL loss_type of " + ", ".join(
         f"{k}: {v:.3f} s" for k, v in best["alternatives"].items())
-    common.write_results(a.out, [best], common.machine_info("cpu (torch)"))
+    common.write_results(a.out, [best], common.machine_info(_setup.torch_label()))
 
 
 if __name__ == "__main__":
