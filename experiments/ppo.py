@@ -54,6 +54,10 @@ class Config(ppo.PPOConfig):
     """More reward-model bundles (same tokenizer and pooling): the reward is then the mean of
     ``reward_dir``'s and theirs (``rlhf_jax.models.heads.ScalarEnsemble``), e.g. the seeds of
     ``experiments.reward --seeds N``."""
+    reward_disagreement: float = 0.0
+    """With ``reward_ensemble``: the reward is the members' mean minus this times their variance
+    (uncertainty-weighted optimisation, Coste et al. 2023); 0: the plain mean. "RM score"
+    figures are then this penalised reward."""
     gold_path: str | None = "runs/default/gold.pkl"
     """Gold scorer used for evaluation only (None or a missing file: no gold metrics)."""
     oracle_reward: bool = False
@@ -91,6 +95,10 @@ class Config(ppo.PPOConfig):
         if self.missing_eos_penalty is not None and self.stop_token is None:
             errs.append(f"missing_eos_penalty={self.missing_eos_penalty}: needs --stop-token "
                         "(without one every response would get the penalty)")
+        if self.reward_disagreement < 0 or (self.reward_disagreement > 0
+                                            and not self.reward_ensemble):
+            errs.append(f"reward_disagreement={self.reward_disagreement}: needs ≥ 0, and a "
+                        "--reward-ensemble when > 0 (one model has no disagreement)")
         if self.oracle_reward and not (self.gold_path and Path(self.gold_path).exists()):
             errs.append(f"oracle_reward needs a gold scorer; gold_path={self.gold_path!r} "
                         "does not exist")
@@ -135,7 +143,7 @@ def load_models(cfg: Config):
                                  f"with a {m_tok.vocab_size}-token vocabulary; {cfg.reward_dir} "
                                  f"pools {rm_meta.get('pool', 'last')!r} with {tok.vocab_size}")
             members.append(m)
-        rm = ScalarEnsemble(members)
+        rm = ScalarEnsemble(members, cfg.reward_disagreement)
     if cfg.value_head_on_policy:
         critic = ScalarHead(mcfg.d_model, init="value", rngs=nnx.Rngs(params=cfg.seed))
     else:

@@ -109,14 +109,30 @@ class ScalarEnsemble(nnx.Module):
     the pooled score of the mean is the mean of the members' pooled scores (pooling is linear).
     It is called like a :class:`ScalarModel`, so :class:`rlhf_jax.scoring.RewardScorer` scores
     with it unchanged.
+
+    ``disagreement`` > 0 subtracts that multiple of the members' variance (over members, per
+    token): Coste et al.'s uncertainty-weighted optimisation, ``mean − λ · var``, which pays the
+    policy less where the members disagree — where a response is outside what the comparisons
+    pinned down. With last-token pooling the penalty is exactly ``λ`` times the variance of the
+    members' pooled scores; with mean pooling it is ``λ`` times the token-mean of the per-token
+    variances (at least the variance of the pooled scores).
     """
 
-    def __init__(self, members: list[ScalarModel]):
+    def __init__(self, members: list[ScalarModel], disagreement: float = 0.0):
         if not members:
             raise ValueError("ScalarEnsemble needs at least one member")
+        if disagreement < 0 or (disagreement > 0 and len(members) < 2):
+            raise ValueError(f"disagreement={disagreement}: needs ≥ 0, and ≥ 2 members when > 0 "
+                             f"(got {len(members)})")
         self.members = nnx.List(members)
+        self.disagreement = float(disagreement)
 
     def __call__(self, tokens_bt, positions_bt, attention_mask_bt) -> jax.Array:
-        """``[B, T]`` f32: the members' outputs averaged."""
-        return sum(m(tokens_bt, positions_bt, attention_mask_bt)
-                   for m in self.members) / len(self.members)
+        """``[B, T]`` f32: the members' outputs averaged (minus ``disagreement`` × their
+        variance)."""
+        outs = [m(tokens_bt, positions_bt, attention_mask_bt) for m in self.members]
+        mean = sum(outs) / len(outs)
+        if not self.disagreement:
+            return mean
+        var = sum((o - mean) ** 2 for o in outs) / len(outs)
+        return mean - self.disagreement * var

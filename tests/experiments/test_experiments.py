@@ -207,6 +207,7 @@ INVALID = [
     (ppo, dict(temperature=0.0), "temperature=0.0"),
     (ppo, dict(eval_prompts=0), "eval_prompts=0"),
     (ppo, dict(oracle_reward=True, gold_path="nope/gold.pkl"), "oracle_reward needs a gold"),
+    (ppo, dict(reward_disagreement=0.5), "reward_disagreement=0.5: needs"),
     (seeds, dict(seeds=0), "seeds=0"),
     (grpo, dict(num_samples=1), "num_samples=1"),
     (grpo, dict(advantage="ppo"), "advantage='ppo'"),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.models.config import ModelConfig, PRESETS
-from rlhf_jax.models.heads import ScalarHead, ScalarModel
+from rlhf_jax.models.heads import ScalarEnsemble, ScalarHead, ScalarModel
 from rlhf_jax.models.transformer import attend, init_cache, positions_from_mask, Transformer
 
 FAMILIES = ["tiny", "tiny-llama"]
@@ -221,3 +221,20 @@ def test_scalar_model_from_lm_uses_lm_hidden(model, fwd, batch):
     # A copy, not an alias: training the scalar model leaves the LM untouched.
     sm.backbone.embed[...] = sm.backbone.embed[...] + 1.0
     assert float(jnp.abs(model.embed[...] - sm.backbone.embed[...]).max()) == pytest.approx(1.0)
+
+
+def test_ensemble_disagreement_penalty_is_mean_minus_lambda_times_member_variance(model, batch):
+    """Coste et al.'s uncertainty-weighted reward, per token, against NumPy on three members."""
+    tokens, mask, pos = batch
+    members = [ScalarModel.from_lm(model, "reward", nnx.Rngs(s)) for s in (3, 4, 5)]
+    outs = np.stack([np.asarray(m(tokens, pos, mask)) for m in members])  # [M, B, T]
+    assert outs.std(0).max() > 1e-2  # the members disagree
+    mean = np.asarray(ScalarEnsemble(members)(tokens, pos, mask))
+    np.testing.assert_allclose(mean, outs.mean(0), atol=1e-5)
+    penalised = np.asarray(ScalarEnsemble(members, disagreement=0.5)(tokens, pos, mask))
+    np.testing.assert_allclose(penalised, outs.mean(0) - 0.5 * outs.var(0), atol=1e-5)
+    assert (penalised <= mean + 1e-6).all() and (penalised < mean - 1e-4).any()
+    with pytest.raises(ValueError, match="2 members"):
+        ScalarEnsemble(members[:1], disagreement=0.5)
+    with pytest.raises(ValueError, match="≥ 0"):
+        ScalarEnsemble(members, disagreement=-1.0)
