@@ -16,7 +16,10 @@ does by default there); JAX uses its default device.
 Run (the table is printed; ``--out`` rewrites the "## Generation" section of RESULTS.md)::
 
     .venv/bin/python benchmarks/generation.py --configs tiny gpt2 --batch-sizes 1 8 32 \
-        --repeats 5 --compute-dtype bfloat16 --out benchmarks/RESULTS.md
+        --repeats 5 --out benchmarks/RESULTS.md
+
+``--compute-dtype bfloat16`` is for accelerators and CPUs with bf16 units: XLA:CPU in jax 0.10
+has no bf16 × bf16 → f32 dot and stops with "Unsupported element type for DotThunk".
 """
 from __future__ import annotations
 
