@@ -1,7 +1,7 @@
 """GPU-scale measurements in one command: the chip's bf16 matmul rate and memory bandwidth, the PPO
 iteration at GPT-2-124M (batch 64, 64 + 64 tokens) and at a ~1.1B Llama shape (random weights,
 bf16 compute), the update's MFU against the measured matmul rate, and sampling tokens/s at batch
-128 against the HBM-bandwidth bound.
+128 against the HBM-bandwidth bound, with the weights stored in f32 and in bf16.
 
 Usage (one GPU, ≤ 8 minutes)::
 
@@ -189,10 +189,14 @@ def ppo_case(c: Case, reps: int, mesh, dtype: str) -> dict:
 
 
 def sampling_case(cfg: ModelConfig, batch: int, query: int, new: int, reps: int, mesh,
-                  dtype: str) -> dict:
+                  dtype: str, weights_dtype: str = "float32") -> dict:
+    """Sampling tokens/s; ``weights_dtype`` is the stored width of the weights (the bound counts
+    the bytes actually stored)."""
     mcfg = cfg.replace(compute_dtype=dtype)
     model = Transformer(mcfg, rngs=nnx.Rngs(params=0))
     graphdef, params = nnx.split(model)
+    params = jax.tree.map(
+        lambda x: x.astype(weights_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     params = parallel.shard(params, mesh)
     pad = mcfg.vocab_size - 1
     scfg = SamplingConfig(max_new_tokens=new, temperature=1.0, pad_id=pad, min_new_tokens=new)
@@ -207,7 +211,8 @@ def sampling_case(cfg: ModelConfig, batch: int, query: int, new: int, reps: int,
     mean_slots = query + new / 2
     bytes_per_step = param_bytes + kv_per_slot * mean_slots
     return {"shape": dataclasses.asdict(cfg), "batch": batch, "query": query, "new_tokens": new,
-            "compute_dtype": dtype, "seconds": s, "first_call_s": FIRST_CALLS[-1],
+            "compute_dtype": dtype, "weights_dtype": weights_dtype, "seconds": s,
+            "first_call_s": FIRST_CALLS[-1],
             "tokens_per_s": batch * new / s, "param_bytes": param_bytes,
             "bytes_per_step": bytes_per_step}
 
@@ -256,14 +261,21 @@ def main(argv=None) -> dict:
 
     for c in ppo_cases[:1]:
         run_ppo(c)
-    sc = sampling_case(TINY_GPT2 if args.tiny else MODEL_PRESETS["gpt2"], 16 if args.tiny else 128,
-                       8 if args.tiny else 64, 8 if args.tiny else 128, args.reps, mesh, dtype)
-    sc["bound_tokens_per_s"] = sc["batch"] * bw / sc["bytes_per_step"]
-    sc["fraction_of_bound"] = sc["tokens_per_s"] / sc["bound_tokens_per_s"]
-    out["sampling"] = sc
-    save()
-    print(f"[gpu_scale] sampling B={sc['batch']}: {sc['tokens_per_s']:.0f} tokens/s, "
-          f"{sc['fraction_of_bound']:.1%} of the bandwidth bound", flush=True)
+    # f32 weights (what training holds), then the same weights stored in bf16: fewer bytes per
+    # decode step, so a higher bound, and more tokens/s if the step is memory-bound.
+    weights = [("sampling", "float32")] + ([("sampling_bf16_weights", dtype)]
+                                           if dtype != "float32" else [])  # --tiny: f32 only
+    for key, wdtype in weights:
+        sc = sampling_case(TINY_GPT2 if args.tiny else MODEL_PRESETS["gpt2"],
+                           16 if args.tiny else 128, 8 if args.tiny else 64,
+                           8 if args.tiny else 128, args.reps, mesh, dtype, wdtype)
+        sc["bound_tokens_per_s"] = sc["batch"] * bw / sc["bytes_per_step"]
+        sc["fraction_of_bound"] = sc["tokens_per_s"] / sc["bound_tokens_per_s"]
+        out[key] = sc
+        save()
+        print(f"[gpu_scale] sampling B={sc['batch']}, {wdtype} weights: "
+              f"{sc['tokens_per_s']:.0f} tokens/s, {sc['fraction_of_bound']:.1%} of the "
+              "bandwidth bound", flush=True)
     for c in ppo_cases[1:]:
         run_ppo(c)
     print(json.dumps(out, indent=2, default=str))
