@@ -93,6 +93,11 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def torch_device() -> str:
+    """Where the PyTorch side runs: ``cuda`` when ``BENCH_TORCH_DEVICE=cuda``, else ``cpu``."""
+    return "cuda" if os.environ.get("BENCH_TORCH_DEVICE", "cpu") == "cuda" else "cpu"
+
+
 def machine_info(device: str | None = None) -> dict[str, Any]:
     """Describes the machine and the installed stack (nothing is imported to find versions).
 

@@ -38,6 +38,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (benchmarks/)
+
 PROMPT_LEN = 64
 SECTION = "## Generation"
 
@@ -78,11 +81,6 @@ def _time(fn, repeats: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - t0)
     return times
-
-
-def torch_device() -> str:
-    """``cuda`` when ``BENCH_TORCH_DEVICE=cuda`` (the baselines' switch), else ``cpu``."""
-    return "cuda" if os.environ.get("BENCH_TORCH_DEVICE", "cpu") == "cuda" else "cpu"
 
 
 def bench_hf(model, prompts: np.ndarray, repeats: int, new_tokens: int) -> float:
@@ -141,7 +139,7 @@ def machine() -> str:
     import torch
     import transformers
     gpu = (f"{torch.cuda.get_device_name(0)} (torch on cuda, TF32), "
-           if torch_device() == "cuda" else "")
+           if common.torch_device() == "cuda" else "")
     return (f"{gpu}{cpu}, {os.cpu_count()} cores visible, Python {platform.python_version()}, "
             f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
@@ -200,7 +198,7 @@ def main(argv=None) -> None:
 
     import torch
     torch.set_num_threads(os.cpu_count())
-    if torch_device() == "cuda":
+    if common.torch_device() == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     from transformers import GPT2LMHeadModel
 
@@ -221,7 +219,7 @@ def main(argv=None) -> None:
             hf_tps: dict[str, float] = {}
             hf_dtypes = ["float32"] + (["bfloat16"] if args.hf_bf16 else [])
             for dtype in [] if args.skip_hf else hf_dtypes:
-                model = hf_model.to(device=torch_device(), dtype=getattr(torch, dtype))
+                model = hf_model.to(device=common.torch_device(), dtype=getattr(torch, dtype))
                 hf_s = bench_hf(model, prompts, args.repeats, args.new_tokens)
                 hf_tps[dtype] = batch * args.new_tokens / hf_s
                 label = "f32" if dtype == "float32" else "bf16"

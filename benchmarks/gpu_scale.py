@@ -73,20 +73,17 @@ def cases(tiny: bool) -> list[Case]:
             Case("llama-1.1b", LLAMA_1B, 16, 64, 64, 2, 2)]
 
 
-FIRST_CALLS: list[float] = []
-"""Seconds of each ``best_seconds`` call's first (compiling) call, in order."""
-
-
-def best_seconds(fn, reps: int) -> float:
+def best_seconds(fn, reps: int) -> tuple[float, float]:
+    """(best of ``reps`` timed calls, seconds of the first call, which compiles)."""
     t0 = time.perf_counter()
     jax.block_until_ready(fn())  # compile
-    FIRST_CALLS.append(time.perf_counter() - t0)
+    first = time.perf_counter() - t0
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(times), first
 
 
 def matmul_rate(n: int, reps: int) -> float:
@@ -94,14 +91,14 @@ def matmul_rate(n: int, reps: int) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    return 2.0 * n ** 3 / best_seconds(lambda: f(a, b), reps)
+    return 2.0 * n ** 3 / best_seconds(lambda: f(a, b), reps)[0]
 
 
 def bandwidth(n_bytes: int, reps: int) -> float:
     """Bytes/s read + written by ``x * 2`` over an f32 array of ``n_bytes``."""
     x = jnp.ones((n_bytes // 4,), jnp.float32)
     f = jax.jit(lambda x: x * 2)
-    return 2.0 * n_bytes / best_seconds(lambda: f(x), reps)
+    return 2.0 * n_bytes / best_seconds(lambda: f(x), reps)[0]
 
 
 def matmul_params(cfg: ModelConfig, lm_head: bool) -> int:
@@ -169,7 +166,7 @@ def ppo_case(c: Case, reps: int, mesh, dtype: str) -> dict:
         box["s"], _, _, _ = iteration(box["s"], ref, rm_params, batch["t"], batch["m"])
         return box["s"].params
 
-    iter_s = best_seconds(one, reps)
+    iter_s, _ = best_seconds(one, reps)
     rollout, _, _ = jax.jit(program.rollout)(box["s"], ref, rm_params, batch["t"], batch["m"],
                                              jax.random.key(0))
     upd = jax.jit(program.update, donate_argnums=(0, 1))
@@ -179,11 +176,11 @@ def ppo_case(c: Case, reps: int, mesh, dtype: str) -> dict:
         ubox["p"], ubox["o"], _ = upd(ubox["p"], ubox["o"], ref, rollout, jax.random.key(1))
         return ubox["p"]
 
-    update_s = best_seconds(update_once, reps)
+    update_s, update_first_s = best_seconds(update_once, reps)
     return {"case": c.name, "shape": dataclasses.asdict(c.model), "batch": c.batch,
             "query": c.query, "response": c.response, "epochs": c.epochs,
             "minibatches": c.minibatches, "compute_dtype": dtype, "iteration_s": iter_s,
-            "iteration_compile_s": compile_s, "update_first_call_s": FIRST_CALLS[-1],
+            "iteration_compile_s": compile_s, "update_first_call_s": update_first_s,
             "update_s": update_s,
             "update_flops": update_flops(c), "memory_per_device": memory}
 
@@ -204,7 +201,7 @@ def sampling_case(cfg: ModelConfig, batch: int, query: int, new: int, reps: int,
     b = parallel.shard_batch({"t": rng.integers(0, pad, (batch, query)).astype(np.int32),
                               "m": np.ones((batch, query), bool)}, mesh)
     f = jax.jit(lambda p, t, m: sample_split(graphdef, p, t, m, jax.random.key(0), scfg).tokens)
-    s = best_seconds(lambda: f(params, b["t"], b["m"]), reps)
+    s, first_s = best_seconds(lambda: f(params, b["t"], b["m"]), reps)
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     kv_per_slot = (2 * mcfg.num_layers * batch * mcfg.num_kv_heads * mcfg.head_dim
                    * jnp.dtype(dtype).itemsize)
@@ -212,7 +209,7 @@ def sampling_case(cfg: ModelConfig, batch: int, query: int, new: int, reps: int,
     bytes_per_step = param_bytes + kv_per_slot * mean_slots
     return {"shape": dataclasses.asdict(cfg), "batch": batch, "query": query, "new_tokens": new,
             "compute_dtype": dtype, "weights_dtype": weights_dtype, "seconds": s,
-            "first_call_s": FIRST_CALLS[-1],
+            "first_call_s": first_s,
             "tokens_per_s": batch * new / s, "param_bytes": param_bytes,
             "bytes_per_step": bytes_per_step}
 

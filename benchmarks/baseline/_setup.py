@@ -64,7 +64,7 @@ def gpt2_tokenizer():
 
 def on_gpu() -> bool:
     """``BENCH_TORCH_DEVICE=cuda`` runs the baseline on the GPU (default: the CPU)."""
-    return os.environ.get("BENCH_TORCH_DEVICE", "cpu") == "cuda"
+    return common.torch_device() == "cuda"
 
 
 def torch_label() -> str:
