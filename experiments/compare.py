@@ -31,7 +31,7 @@ from experiments import common
 from rlhf_jax import stats
 from rlhf_jax.loop import fingerprint_changes
 from rlhf_jax.metrics import read_metrics
-from rlhf_jax.runs import read_summary
+from rlhf_jax.runs import md_cell, read_summary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,14 +115,15 @@ def markdown(rows: list[dict], argv: list[str]) -> str:
              "Held-out figures at the end of each run; mean ± 95% CI (Student's t) over seeds.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"{r['label']}", str(len(r["seeds"]))]
+        cells = [md_cell(r["label"]), str(len(r["seeds"]))]
         for name, _, fmt in FIGURES:
             cells += cell(r[name], fmt)
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Config changes from the first run ({rows[0]['label']}, `{rows[0]['path']}`):",
+    lines += ["", f"Config changes from the first run ({md_cell(rows[0]['label'])}, "
+              f"`{rows[0]['path']}`):",
               ""]
     for r in rows[1:]:
-        lines.append(f"- **{r['label']}** (`{r['path']}`): "
+        lines.append(f"- **{md_cell(r['label'])}** (`{r['path']}`): "
                      + ("; ".join(f"`{c}`" for c in r["changes"]) or "none"))
     return "\n".join(lines) + "\n"
 

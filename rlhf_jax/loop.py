@@ -186,7 +186,9 @@ def guard_outputs(stage: str, workdir: str | os.PathLike, fp: Mapping,
 class StatefulBatches:
     """An endless iterator over :class:`rlhf_jax.data.batching.Batches` whose position can be
     saved in a checkpoint's JSON metadata and restored (a resumed run continues at the same
-    example)."""
+    example). The state carries the batches' report too, so a resumed run's
+    ``batches.report.summary()`` counts every example of the run, not only those read since
+    the resume."""
 
     def __init__(self, batches):
         from rlhf_jax.data import batching
@@ -198,10 +200,15 @@ class StatefulBatches:
         return next(self._it)
 
     def get_state(self) -> dict:
-        return self._batching.iterator_state(self._it)
+        return {"iterator": self._batching.iterator_state(self._it),
+                "report": self.batches.report.get_state()}
 
     def set_state(self, state: dict) -> None:
-        self._it = self._batching.iterate(self.batches, state)
+        if "iterator" not in state:  # a checkpoint written before reports were saved
+            self._it = self._batching.iterate(self.batches, state)
+            return
+        self._it = self._batching.iterate(self.batches, state["iterator"])
+        self.batches.report.set_state(state["report"])
 
 
 class TrainLoop:

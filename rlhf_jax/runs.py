@@ -175,6 +175,11 @@ def write_summary(workdir: str | os.PathLike, summary: dict[str, Any]) -> Path:
     return path
 
 
+def md_cell(text: str) -> str:
+    """``text`` as one Markdown table cell: ``|`` escaped, newlines as spaces."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def write_samples(path: str | os.PathLike, title: str, prompts: Sequence[str],
                   responses: Mapping[str, Sequence[str]], gold=None) -> Path:
     """A Markdown table of several policies' responses to the same prompts (``samples.md``).
@@ -188,17 +193,14 @@ def write_samples(path: str | os.PathLike, title: str, prompts: Sequence[str],
     if jax.process_index() != 0:  # multi-process: process 0 writes
         return Path(path)
 
-    def cell(s):
-        return s.replace("|", "\\|").replace("\n", " ")
-
     cols = {name: (list(texts), gold.prob(texts) if gold else [float("nan")] * len(texts))
             for name, texts in responses.items()}
     lines = [f"# {title}", "", "Gold = the gold scorer's P(positive) of the response.", "",
-             "| prompt | " + " | ".join(f"{name} response | gold" for name in cols) + " |",
+             "| prompt | " + " | ".join(f"{md_cell(name)} response | gold" for name in cols) + " |",
              "|---|" + "---|---|" * len(cols)]
     for i, p in enumerate(prompts):
-        lines.append(f"| {cell(p)} | " + " | ".join(f"{cell(t[i])} | {g[i]:.2f}"
-                                                    for t, g in cols.values()) + " |")
+        lines.append(f"| {md_cell(p)} | " + " | ".join(f"{md_cell(t[i])} | {g[i]:.2f}"
+                                                       for t, g in cols.values()) + " |")
     Path(path).write_text("\n".join(lines) + "\n")
     return Path(path)
 

@@ -6,6 +6,7 @@ record, field) and what was expected, or is skipped by a documented rule and cou
 """
 from __future__ import annotations
 
+import base64
 import codecs
 import collections
 import dataclasses
@@ -89,6 +90,24 @@ class DataReport:
             bucket.extend(v[:max(0, self.max_examples - len(bucket))])
         return self
 
+    def get_state(self) -> dict:
+        """Counts, messages and the keys already seen, as JSON (stored with a data iterator's
+        position in a checkpoint, so a resumed run's report covers the whole run)."""
+        groups: dict[tuple, list] = {}
+        for entry in self._seen:
+            groups.setdefault(entry[:-1], []).append(entry[-1])
+        seen = [{"tag": list(tag), **_encode_keys(keys)} for tag, keys in sorted(groups.items())]
+        return {"kept": self.kept, "skipped": dict(self.skipped),
+                "modified": dict(self.modified), "examples": self.examples, "seen": seen}
+
+    def set_state(self, state: dict) -> None:
+        """Replaces this report's counts by a :meth:`get_state`'s."""
+        self.kept = int(state["kept"])
+        self.skipped = collections.Counter(state["skipped"])
+        self.modified = collections.Counter(state["modified"])
+        self.examples = {k: list(v) for k, v in state["examples"].items()}
+        self._seen = {(*g["tag"], key) for g in state["seen"] for key in _decode_keys(g)}
+
     def to_dict(self) -> dict:
         return {"name": self.name, "kept": self.kept, "skipped": dict(self.skipped),
                 "modified": dict(self.modified), "examples": self.examples}
@@ -107,6 +126,23 @@ class DataReport:
                 for msg in self.examples.get(f"{kind}:{reason}", []):
                     lines.append(f"    e.g. {msg[:300]}")
         return "\n".join(lines)
+
+
+def _encode_keys(keys: list) -> dict:
+    """Non-negative int keys (dataset indices) as a base64 bitmap; anything else as a list."""
+    if all(isinstance(k, int) and k >= 0 for k in keys):
+        bits = bytearray((max(keys) // 8 + 1) if keys else 0)
+        for k in keys:
+            bits[k // 8] |= 1 << (k % 8)
+        return {"bitmap": base64.b64encode(bytes(bits)).decode("ascii")}
+    return {"keys": sorted(keys, key=repr)}
+
+
+def _decode_keys(group: dict) -> list:
+    if "bitmap" in group:
+        bits = base64.b64decode(group["bitmap"])
+        return [8 * i + j for i, byte in enumerate(bits) for j in range(8) if byte >> j & 1]
+    return [tuple(k) if isinstance(k, list) else k for k in group["keys"]]
 
 
 def iter_jsonl(path, *, report: DataReport | None = None, on_error: str = "raise"):

@@ -235,3 +235,54 @@ def test_report_deduplicates_across_epochs(tok):
     r.skip("x", "m")
     r.skip("x", "m")
     assert r.skipped["x"] == 3
+
+
+def test_resumed_loader_reports_the_whole_run(tok, tmp_path):
+    """The report rides in the checkpoint with the iterator's position: a run resumed after a
+    checkpoint reports every example it read (before: only those read since the resume)."""
+    from rlhf_jax.checkpoint import Checkpointer
+    from rlhf_jax.loop import StatefulBatches
+    src = [{"prompt": r[:10], "response": "" if i % 5 == 0 else r[10:]}
+           for i, r in enumerate(REVIEWS)]  # 5 empty responses: skipped and counted
+
+    def make():
+        return StatefulBatches(batching.sft_batches(src, tok, max_len=64, cfg=_cfg(
+            batch_size=2, seed=1, num_epochs=None, prefetch=0)))
+
+    whole = make()
+    for _ in range(9):  # the first epoch: 18 kept examples, 9 batches
+        whole.next()
+    first = make()
+    for _ in range(4):
+        first.next()
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(4, {"w": np.zeros(2, np.float32)}, {"data": first.get_state()})
+    assert 0 < first.batches.report.kept < 18  # the checkpoint is inside the first epoch
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        _, meta = ckpt.restore({"w": np.zeros(2, np.float32)})
+    resumed = make()
+    resumed.set_state(meta["data"])
+    for _ in range(5):
+        resumed.next()
+    want, got = whole.batches.report, resumed.batches.report
+    assert (want.kept, want.skipped) == (18, {"empty": 5})
+    assert (got.kept, got.skipped, got.examples) == (want.kept, want.skipped, want.examples)
+    assert got.summary() == want.summary()
+
+
+def test_report_state_round_trips_any_keys():
+    r = DataReport(name="x")
+    for key in (0, 7, 1000):
+        r.keep(key=key)
+    r.skip("empty", "e.jsonl:3: empty", key="e.jsonl:3")
+    r.modify("truncated", "t", key=5)
+    back = DataReport(name="x")
+    back.set_state(json.loads(json.dumps(r.get_state())))
+    assert (back.kept, back.skipped, back.modified) == (3, {"empty": 1}, {"truncated": 1})
+    for key in (0, 7, 1000):  # already seen: not counted again
+        back.keep(key=key)
+    back.skip("empty", "again", key="e.jsonl:3")
+    back.modify("truncated", "again", key=5)
+    assert (back.kept, back.num_skipped, sum(back.modified.values())) == (3, 1, 1)
+    back.keep(key=8)
+    assert back.kept == 4

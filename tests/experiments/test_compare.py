@@ -59,6 +59,11 @@ def test_one_seed_has_no_interval_and_prints_no_spread(tmp_path):
     rows = compare.table([run], ["one"])
     assert np.isnan(rows[0]["gold"]["half_width"])
     assert "| one | 1 | 0.900 | 0.900 |" in compare.markdown(rows, [])
+    # A "|" in a label is escaped: the row keeps its 2 + 2 * len(FIGURES) cells.
+    md = compare.markdown(compare.table([run], ["β|0.1\nfixed"]), [])
+    [row] = [line for line in md.splitlines() if line.startswith("| β")]
+    assert row.startswith("| β\\|0.1 fixed | 1 | ") and "run (β\\|0.1 fixed, `" in md
+    assert len(row.replace("\\|", "").split("|")) - 2 == 2 + 2 * len(compare.FIGURES)
     assert compare.plot([run], rows, tmp_path).stat().st_size > 10_000  # no error bar, no path
 
 

@@ -1,6 +1,7 @@
 """The experiments end to end on the ``tiny`` presets: outputs, checkpoints, resume, devices."""
 import dataclasses
 import json
+import os
 import shutil
 
 from flax import nnx
@@ -286,6 +287,20 @@ def test_oracle_reward_scores_each_rollout_with_the_gold_scorer(tiny_run):
     gold = GoldSentimentScorer.load(pcfg.gold_path).score(decode_rows(tok, resp, rmask))
     assert float(metrics["objective/scores"]) == pytest.approx(float(np.mean(gold)), rel=1e-5)
     assert np.std(gold) > 0
+
+
+def test_gold_scorer_is_loaded_once_per_file(tiny_run, tmp_path):
+    """The oracle reward and the held-out gold share one load; a changed file is read again."""
+    cfg, _ = tiny_run
+    path = tmp_path / "gold.pkl"
+    shutil.copy(pipeline.stage_configs(cfg)["ppo"].gold_path, path)
+    pcfg = ppo.Config(gold_path=str(path))
+    first = ppo.load_gold(pcfg)
+    assert ppo.load_gold(pcfg) is first and first is not None
+    os.utime(path, ns=(0, path.stat().st_mtime_ns + 10**9))
+    again = ppo.load_gold(pcfg)
+    assert again is not first and again.score(["a great film"]) == first.score(["a great film"])
+    assert ppo.load_gold(ppo.Config(gold_path=str(tmp_path / "none.pkl"))) is None
 
 
 def test_grpo_stage_runs_vmapped_seeds_and_saves_the_first(tiny_run, tmp_path):
