@@ -18,7 +18,8 @@ A stage is one entry of :data:`STAGES`: its module (``Config``, ``PRESETS``, ``t
 configs under the pipeline's presets.
 
 Seeds: the default preset trains 3 reward models (``--reward.seeds``) and PPO optimises their
-mean (``ppo.reward_ensemble`` is wired to the other seeds' ``final/``), and it runs 5 PPO seeds
+mean minus 5 times their variance (``ppo.reward_ensemble`` is wired to the other seeds'
+``final/``; ``--ppo.reward-disagreement`` sets the 5, 0 for the plain mean), and it runs 5 PPO seeds
 vmapped in one program (``--ppo.seeds``; :mod:`experiments.seeds`), so the headline is a mean with
 its 95% confidence interval and every seed's value. ``--ppo.seeds 1`` runs :mod:`experiments.ppo`
 (periodic evaluation, ``ppo.png``, ``gold_vs_kl.png``) instead.
@@ -72,6 +73,12 @@ def _reward_ensemble(r: Path, p) -> tuple[str, ...]:
                   for i in range(1, p.reward.seeds)) + p.ppo.reward_ensemble)
 
 
+def _reward_disagreement(r: Path, p) -> float:
+    """``--ppo.reward-disagreement`` where there is an ensemble; with one reward model
+    (``--reward.seeds 1`` and no ``--ppo.reward-ensemble``) there is no variance to penalise: 0."""
+    return p.ppo.reward_disagreement if _reward_ensemble(r, p) else 0.0
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("sft", sft, _rep(workdir=lambda r, p: str(r / "sft"), data_dir=lambda r, p: p.data_dir,
                            task=lambda r, p: p.task)),
@@ -87,9 +94,10 @@ STAGES: tuple[Stage, ...] = (
         workdir=lambda r, p: str(r / "ppo"), data_dir=lambda r, p: p.data_dir,
         task=lambda r, p: p.task, gold_path=lambda r, p: str(r / "gold.pkl"),
         sft_dir=lambda r, p: str(r / "sft" / "final"),
-        reward_dir=lambda r, p: str(r / "reward" / "final"), reward_ensemble=_reward_ensemble),
-          {name: dataclasses.replace(c, seeds=5 if name == "default" else 1)
-           for name, c in seeds.PRESETS.items()}),
+        reward_dir=lambda r, p: str(r / "reward" / "final"), reward_ensemble=_reward_ensemble,
+        reward_disagreement=_reward_disagreement),
+          {name: dataclasses.replace(c, seeds=5, reward_disagreement=5.0) if name == "default"
+           else dataclasses.replace(c, seeds=1) for name, c in seeds.PRESETS.items()}),
 )
 
 

@@ -380,11 +380,19 @@ def test_reward_seeds_are_trained_apart_and_summarised(tiny_run, tmp_path):
 
 
 def test_pipeline_seeds_make_a_reward_ensemble_and_a_headline_over_seeds(tiny_run, tmp_path):
-    """``make demo``'s preset trains 3 reward models, PPO optimises their mean, over 5 seeds. The
-    same wiring with 2 and 2 on the tiny pipeline's SFT model and comparisons: the headline is
-    the mean over PPO seeds with each seed's value, and the report prints them."""
+    """``make demo``'s preset trains 3 reward models, PPO optimises their mean minus 5 times their
+    variance, over 5 seeds. The same wiring with 2 and 2 on the tiny pipeline's SFT model and
+    comparisons: the headline is the mean over PPO seeds with each seed's value, and the report
+    prints them."""
     default = pipeline.stage_configs(pipeline.PRESETS["default"])
     assert default["reward"].seeds == 3 and default["ppo"].seeds == 5
+    assert default["ppo"].reward_disagreement == 5.0
+    assert pipeline.stage_configs(pipeline.PRESETS["tiny"])["ppo"].reward_disagreement == 0
+    one = dataclasses.replace(pipeline.PRESETS["default"], reward=dataclasses.replace(
+        pipeline.PRESETS["default"].reward, seeds=1))  # one reward model: nothing to penalise
+    one_ppo = pipeline.stage_configs(one)["ppo"]
+    assert one_ppo.reward_ensemble == () and one_ppo.reward_disagreement == 0
+    assert one_ppo.errors() == []
     assert default["ppo"].reward_ensemble == tuple(
         f"runs/default/reward/seed{s}/final" for s in (1, 2))
     cfg, _ = tiny_run
@@ -393,11 +401,13 @@ def test_pipeline_seeds_make_a_reward_ensemble_and_a_headline_over_seeds(tiny_ru
         shutil.copytree(src / stage, root / stage)
     shutil.copy(src / "gold.pkl", root / "gold.pkl")
     two = dataclasses.replace(cfg, root=str(root), reward=dataclasses.replace(cfg.reward, seeds=2),
-                              ppo=dataclasses.replace(cfg.ppo, seeds=2, iterations=2))
+                              ppo=dataclasses.replace(cfg.ppo, seeds=2, iterations=2,
+                                                      reward_disagreement=5.0))
     summary = pipeline.train(two)
     done = json.loads((root / "ppo" / "summary.json").read_text())
     assert done["stage"] == "ppo-seeds" and done["seeds"] == [0, 1]
     assert done["config"]["reward_ensemble"] == [str(root / "reward" / "seed1" / "final")]
+    assert done["config"]["reward_disagreement"] == 5.0
     gold = [s["gold"] for s in done["per_seed"]]
     assert summary["ppo_gold_positive_per_seed"] == gold
     assert summary["ppo_gold_positive"] == pytest.approx(np.mean(gold))
