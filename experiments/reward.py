@@ -43,7 +43,7 @@ class Config:
     sft_dir: str = "runs/default/sft/final"
     """Backbone initialisation (an SFT run's ``final/``)."""
     comparisons_dir: str = "runs/default/collect"
-    """Folder with ``train.jsonl`` / ``eval.jsonl`` comparisons."""
+    """Folder with ``train.jsonl`` / ``eval.jsonl`` comparisons (or ``.jsonl.gz``)."""
     normalize_policy: str = "sft/final"
     """Responses whose scores are normalised to mean 0, std 1: the comparisons' policy names
     starting with this (the SFT policy's samples)."""

@@ -496,9 +496,10 @@ def _comparison_example(rec: dict, where: str) -> dict:
 def split_files(source) -> dict[str, list[pathlib.Path]]:
     """Maps split names to JSONL files.
 
-    ``source`` is a directory (every ``*.jsonl`` in it; split = file name up to the first ``-``
-    or ``.``: ``train.jsonl``, ``train-00001.jsonl`` -> ``train``, read in that order), a single
-    file (split ``train``), or a mapping ``{split: path or [paths]}``.
+    ``source`` is a directory (every ``*.jsonl`` and ``*.jsonl.gz`` in it; split = file name up
+    to the first ``-`` or ``.``: ``train.jsonl``, ``train-00001.jsonl`` -> ``train``, read in
+    that order), a single file (split ``train``), or a mapping ``{split: path or [paths]}``.
+    Gzipped files are read as they are (:func:`rlhf_jax.data.errors.iter_jsonl`).
     """
     if isinstance(source, Mapping):
         out = {}
@@ -509,15 +510,16 @@ def split_files(source) -> dict[str, list[pathlib.Path]]:
         p = pathlib.Path(source)
         if p.is_dir():
             out = {}
-            for f in sorted(p.glob("*.jsonl")):
+            for f in sorted([*p.glob("*.jsonl"), *p.glob("*.jsonl.gz")]):
                 split = re.split(r"[-.]", f.name, maxsplit=1)[0]
                 out.setdefault(split, []).append(f)
             for split in out:  # `train.jsonl` before `train-00001.jsonl`, then by name
-                out[split].sort(key=lambda f, s=split: (f.stem != s, f.name))
+                out[split].sort(key=lambda f, s=split: (f.name.split(".", 1)[0] != s, f.name))
             if not out:
                 found = sorted(f.name for f in p.iterdir())[:10]
-                raise FileNotFoundError(f"{p}: no *.jsonl files (found {found}); expected "
-                                        "train.jsonl or train-*.jsonl, optionally eval.jsonl")
+                raise FileNotFoundError(f"{p}: no *.jsonl or *.jsonl.gz files (found {found}); "
+                                        "expected train.jsonl or train-*.jsonl, optionally "
+                                        "eval.jsonl")
         elif p.exists():
             out = {"train": [p]}
         else:

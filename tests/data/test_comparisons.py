@@ -186,6 +186,31 @@ def test_builder_counts_fields_and_round_trip_to_decoded_batch(tmp_path, tok):
         comparisons.build_comparisons(src, data_dir, name="round1", rebuild_if_changed=False)
 
 
+def test_a_folder_of_gzipped_jsonl_builds_like_plain_jsonl(tmp_path):
+    import gzip
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir(), packed.mkdir()
+    train, ev = make_records(5, gold=True), make_records(2)
+    comparisons.write_comparisons(plain / "train.jsonl", train)
+    comparisons.write_comparisons(plain / "eval.jsonl", ev)
+    for name in ("train", "eval"):
+        (packed / f"{name}.jsonl.gz").write_bytes(
+            gzip.compress((plain / f"{name}.jsonl").read_bytes()))
+    assert {k: [f.name for f in v] for k, v in comparisons.split_files(packed).items()} == {
+        "eval": ["eval.jsonl.gz"], "train": ["train.jsonl.gz"]}
+    _, a = comparisons.build_comparisons(plain, str(tmp_path / "a"))
+    _, b = comparisons.build_comparisons(packed, str(tmp_path / "b"))
+    for split in ("train", "eval"):
+        got = [comparisons.decode_comparison(b[split][i]) for i in range(len(b[split]))]
+        want = [comparisons.decode_comparison(a[split][i]) for i in range(len(a[split]))]
+        assert [g.pop("source") for g in got] == [
+            w.pop("source").replace(".jsonl:", ".jsonl.gz:").replace("plain", "packed")
+            for w in want]
+        assert got == want == (train if split == "train" else ev)
+    with pytest.raises(FileNotFoundError, match=r"no \*.jsonl or \*.jsonl.gz files"):
+        comparisons.split_files(tmp_path / "a")  # TFDS files only
+
+
 def test_builder_skip_mode_reports(tmp_path):
     recs = make_records(3)
     p = write_jsonl(tmp_path / "train.jsonl", [recs[0], "{bad", recs[1], _with(id="z",
