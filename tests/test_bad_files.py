@@ -361,7 +361,7 @@ CASES = [
          DataError, r"expected at least 1 untied pair\(s\) of responses, got 0 in 2 records"),
     # -- comparisons folder / TFDS build -------------------------------------------------------
     Case("comparisons folder", "empty folder", comparison_dir({}, build), FileNotFoundError,
-         r"no \*\.jsonl files .*expected train\.jsonl or train-\*\.jsonl"),
+         r"no \*\.jsonl or \*\.jsonl\.gz files .*expected train\.jsonl or train-\*\.jsonl"),
     Case("comparisons folder", "only eval.jsonl", comparison_dir({"eval.jsonl": RANKED3}, build),
          FileNotFoundError, r"no 'train' split; expected train\.jsonl or train-\*\.jsonl "
          r"\(found \{'eval': \['eval\.jsonl'\]\}\)"),
