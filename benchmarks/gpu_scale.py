@@ -192,9 +192,7 @@ def sampling_case(cfg: ModelConfig, batch: int, query: int, new: int, reps: int,
     mcfg = cfg.replace(compute_dtype=dtype)
     model = Transformer(mcfg, rngs=nnx.Rngs(params=0))
     graphdef, params = nnx.split(model)
-    params = jax.tree.map(
-        lambda x: x.astype(weights_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-    params = parallel.shard(params, mesh)
+    params = parallel.shard(parallel.cast_floats(params, weights_dtype), mesh)
     pad = mcfg.vocab_size - 1
     scfg = SamplingConfig(max_new_tokens=new, temperature=1.0, pad_id=pad, min_new_tokens=new)
     rng = np.random.default_rng(0)

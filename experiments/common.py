@@ -137,6 +137,23 @@ def check(cfg, errors: list[str]) -> None:
                          "\n  ".join(errors))
 
 
+_GOLD: dict = {}
+
+
+def load_gold(path: str | None):
+    """The gold scorer at ``path``, or None where there is none. Loaded once per file (path, size
+    and modification time): PPO's oracle reward and its held-out gold share one load."""
+    if not (path and Path(path).exists()):
+        return None
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _GOLD:
+        from rlhf_jax.labelers import GoldSentimentScorer
+        _GOLD.clear()  # one scorer held at a time
+        _GOLD[key] = GoldSentimentScorer.load(path)
+    return _GOLD[key]
+
+
 def remember_memory(workdir, name: str, report: dict | None) -> dict | None:
     """A compiled step's memory report (``parallel.compile_with_memory``), kept in
     ``<workdir>/memory.json`` when it is first made, so a run resumed with no step left still

@@ -180,10 +180,7 @@ def evaluate_policy(cfg: Config, lm_def, params, ref_params, tok, mesh) -> dict:
                                      compute_dtype=cfg.compute_dtype)
         reward = RewardScorer(nnx.graphdef(rm), tok.eos_id, meta.get("pool", "last"))
         rm_params = parallel.replicate(nnx.state(rm), mesh)
-    gold = None
-    if cfg.gold_path and Path(cfg.gold_path).exists():
-        from rlhf_jax.labelers import GoldSentimentScorer
-        gold = GoldSentimentScorer.load(cfg.gold_path)
+    gold = common.load_gold(cfg.gold_path)
     pcfg = ppo.PPOConfig(query_len=cfg.query_len, response_len=cfg.response_len,
                          temperature=cfg.temperature, seed=cfg.seed)
     scfg = ppo.sampling_config(pcfg, tok.pad_id, None)

@@ -151,25 +151,8 @@ def load_models(cfg: Config):
                                       compute_dtype=cfg.compute_dtype)
     reward = RewardScorer(nnx.graphdef(rm), tok.eos_id, rm_meta.get("pool", "last"))
     if cfg.oracle_reward:
-        reward = TextReward(load_gold(cfg).score, tok)
+        reward = TextReward(common.load_gold(cfg.gold_path).score, tok)
     return policy, rm, critic, mcfg, tok, reward
-
-
-_GOLD: dict = {}
-
-
-def load_gold(cfg: Config):
-    """The gold scorer at ``cfg.gold_path``, or None where there is none. Loaded once per file
-    (path, size and modification time): the oracle reward and the held-out gold share it."""
-    if not (cfg.gold_path and Path(cfg.gold_path).exists()):
-        return None
-    st = Path(cfg.gold_path).stat()
-    key = (str(Path(cfg.gold_path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _GOLD:
-        from rlhf_jax.labelers import GoldSentimentScorer
-        _GOLD.clear()  # one scorer held at a time
-        _GOLD[key] = GoldSentimentScorer.load(cfg.gold_path)
-    return _GOLD[key]
 
 
 def stop_id(cfg: Config, tokenizer) -> int | None:
@@ -221,7 +204,7 @@ def train(cfg: Config) -> dict:
     task = get_task(cfg.task, cfg.data_dir)
     prompts = StatefulBatches(task.prompt_batches(tok, cfg.query_len, cfg.batch_size, cfg.seed))
     eval_tokens, eval_mask, _ = task.prompt_set("eval", tok, cfg.query_len, cfg.eval_prompts)
-    gold = load_gold(cfg)
+    gold = common.load_gold(cfg.gold_path)
 
     iteration = jax.jit(program.iteration, donate_argnums=(0,))
     evaluate = ppo.make_evaluate(cfg, lm_def, reward, scfg)

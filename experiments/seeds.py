@@ -83,7 +83,7 @@ def run(cfg: Config, stage: str, build) -> dict:
     task = get_task(cfg.task, cfg.data_dir)
     streams = [StatefulBatches(task.prompt_batches(tok, cfg.query_len, cfg.batch_size, s))
                for s in seeds]
-    gold = ppo_stage.load_gold(cfg)
+    gold = common.load_gold(cfg.gold_path)
     iteration = jax.jit(ppo.vmap_seeds(program), donate_argnums=(0,))
     evaluate = ppo.make_evaluate(cfg, lm_def, reward, scfg)
     eval_tokens, eval_mask, _ = task.prompt_set("eval", tok, cfg.query_len, cfg.eval_prompts)

@@ -14,6 +14,8 @@ import gzip
 import json
 from typing import Any
 
+import numpy as np
+
 
 class DataError(ValueError):
     """A record that does not match its schema.
@@ -131,17 +133,17 @@ class DataReport:
 def _encode_keys(keys: list) -> dict:
     """Non-negative int keys (dataset indices) as a base64 bitmap; anything else as a list."""
     if all(isinstance(k, int) and k >= 0 for k in keys):
-        bits = bytearray((max(keys) // 8 + 1) if keys else 0)
-        for k in keys:
-            bits[k // 8] |= 1 << (k % 8)
-        return {"bitmap": base64.b64encode(bytes(bits)).decode("ascii")}
+        bits = np.zeros(max(keys, default=-1) + 1, bool)
+        bits[keys] = True
+        packed = np.packbits(bits, bitorder="little").tobytes()
+        return {"bitmap": base64.b64encode(packed).decode("ascii")}
     return {"keys": sorted(keys, key=repr)}
 
 
 def _decode_keys(group: dict) -> list:
     if "bitmap" in group:
-        bits = base64.b64decode(group["bitmap"])
-        return [8 * i + j for i, byte in enumerate(bits) for j in range(8) if byte >> j & 1]
+        packed = np.frombuffer(base64.b64decode(group["bitmap"]), np.uint8)
+        return np.flatnonzero(np.unpackbits(packed, bitorder="little")).tolist()
     return [tuple(k) if isinstance(k, list) else k for k in group["keys"]]
 
 
