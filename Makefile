@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PRESET ?= default
+ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: demo demo-chat test test-slow test-all bench lint format setup setup-test clean
@@ -25,12 +26,13 @@ setup-test: $(VENV)/.test
 
 ## The main job: the end-to-end RLHF pipeline (SFT -> comparisons -> reward model -> PPO) on IMDB.
 demo: $(VENV)/.core
-	$(PY) -m experiments.pipeline --preset $(PRESET)
+	$(PY) -m experiments.pipeline --preset $(PRESET) $(ARGS)
 
 ## The LoRA chat pipeline on SmolLM2-135M-Instruct (SFT -> comparisons -> reward model -> PPO, all
-## LoRA); resumable: re-run to continue. PRESET=tiny runs a tiny random Llama in seconds.
+## LoRA); resumable: re-run to continue. PRESET=tiny runs a tiny random Llama in seconds;
+## ARGS passes overrides, e.g. make demo-chat ARGS="--seed 1 --root runs/chat-seed1".
 demo-chat: $(VENV)/.core
-	$(PY) -m experiments.chat --preset $(PRESET)
+	$(PY) -m experiments.chat --preset $(PRESET) $(ARGS)
 
 ## The default test suite (< 15 min on 2 cores); slow tests are excluded.
 test: $(VENV)/.test
