@@ -22,7 +22,7 @@ import optax
 
 from rlhf_jax import losses, rl
 from rlhf_jax.generation import sample_split, SamplingConfig
-from rlhf_jax.ppo import initial_state, PPOConfig, PPOProgram, PPOState
+from rlhf_jax.ppo import initial_state, PPOConfig, PPOProgram, PPOState, stack_seeds
 from rlhf_jax.scoring import (concat_prompt_response, response_logits, response_positions,
                               RewardScorer)
 
@@ -72,8 +72,8 @@ def init_state(cfg: GRPOConfig, policy: nnx.Module, tx) -> PPOState:
 def init_seed_states(cfg: GRPOConfig, policy: nnx.Module, tx, seeds) -> PPOState:
     """States of independent runs stacked over a leading seed axis, as
     :func:`rlhf_jax.ppo.init_seed_states`; feed them to :func:`rlhf_jax.ppo.vmap_seeds`."""
-    states = [init_state(dataclasses.replace(cfg, seed=int(s)), policy, tx) for s in seeds]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    return stack_seeds([init_state(dataclasses.replace(cfg, seed=int(s)), policy, tx)
+                        for s in seeds])
 
 
 def make_grpo(cfg: GRPOConfig, lm_def: nnx.GraphDef, reward: RewardScorer,

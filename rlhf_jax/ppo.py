@@ -337,8 +337,12 @@ def init_seed_states(cfg: PPOConfig, policy: nnx.Module, critic: nnx.Module,
     """States of independent runs stacked over a leading seed axis ``S``: the same initial
     parameters, each run its own base key (``jax.random.key(seed)``). Feed them to
     :func:`vmap_seeds` of a program."""
-    states = [init_state(dataclasses.replace(cfg, seed=int(s)), policy, critic, tx)
-              for s in seeds]
+    return stack_seeds([init_state(dataclasses.replace(cfg, seed=int(s)), policy, critic, tx)
+                        for s in seeds])
+
+
+def stack_seeds(states: list[PPOState]) -> PPOState:
+    """One state per seed stacked along a new leading seed axis ``S``."""
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
