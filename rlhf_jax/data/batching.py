@@ -31,9 +31,10 @@ Overlong examples (``overlong=``): ``"skip"`` (default; counted in ``report`` as
 ``"truncate"`` (SFT/comparisons: keep the *last* prompt tokens and the *first* response tokens;
 a cut response gets no EOS; counted as ``truncated``), or ``"raise"``. Prompts are always
 truncated by ``keep="first"`` (first T tokens: the sentiment task's query is a review's opening)
-or ``keep="last"`` (chat prompts, whose end matters), counted as ``truncated``. Empty texts are
-skipped and counted (``empty``). Counts are per example index, so a second epoch does not
-double-count; print ``batches.report.summary()``.
+or ``keep="last"`` (chat prompts, whose end matters), counted as ``truncated``. Empty texts (a
+document, a prompt, a demonstration's response) are skipped and counted (``empty``); a blank
+response in a comparison is kept, as prompt + EOS (it is what a policy wrote). Counts are per
+example index, so a second epoch does not double-count; print ``batches.report.summary()``.
 
 Order and sharding: every process reads the same examples by default: in a multi-process run
 each process holds the same *global* batch and :func:`rlhf_jax.parallel.shard_batch` keeps the
@@ -166,14 +167,17 @@ def _fit(p: list[int], r: list[int], eos: int, t: int, overlong: str, where: str
 
 def encode_prompt_response(tokenizer, prompt: str, response: str, max_len: int, *,
                            overlong: str = "skip", report: DataReport | None = None,
-                           where: str = "<example>", key=None) -> dict[str, np.ndarray] | None:
+                           where: str = "<example>", key=None,
+                           allow_empty: bool = False) -> dict[str, np.ndarray] | None:
     """``[prompt | response | EOS | pad...]`` as ``tokens``, ``mask``, ``loss_mask`` ``[T]``.
 
     ``loss_mask`` is True on the response tokens and EOS. Returns None when the example is
     skipped (empty response, or too long with ``overlong="skip"``; counted in ``report``).
+    ``allow_empty``: a blank response is encoded as it is (only EOS when it is ``""``) instead:
+    a demonstration must say something, a sampled response in a comparison is what it is.
     """
     report = report if report is not None else DataReport()
-    if not response.strip():
+    if not allow_empty and not response.strip():
         if overlong == "raise":
             raise DataError(where, "empty", "expected a non-empty response", "response")
         report.skip("empty", f"{where}: empty response", key=key)
@@ -366,7 +370,8 @@ def comparison_batches(source: Sequence[Mapping], tokenizer, *, max_len: int, cf
         rows = []
         for j, resp in enumerate(responses):
             row = encode_prompt_response(tokenizer, prompt, resp, max_len, overlong=overlong,
-                                         report=report, where=f"{where} response {j}", key=key)
+                                         report=report, where=f"{where} response {j}", key=key,
+                                         allow_empty=True)
             if row is None:
                 return None
             rows.append(row)

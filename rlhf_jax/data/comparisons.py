@@ -10,8 +10,12 @@ Schema, one JSON object per line and per prompt::
 format with :func:`write_comparisons`; a labeling UI round-trips it through
 :func:`export_for_labeling` / :func:`import_rankings`.
 
-Bad records (malformed JSON, bytes that are not UTF-8, a missing or wrongly typed field, an empty
-or whitespace-only response, ``ranks``/``policies``/``gold_scores`` whose length is not K, a rank
+An empty or whitespace-only response is a valid response: it is what a policy wrote (a chat model
+may end its turn after a newline), and ranking it below the others is what teaches a reward model
+not to pay for it; it is scored as the prompt followed by EOS.
+
+Bad records (malformed JSON, bytes that are not UTF-8, a missing or wrongly typed field,
+``ranks``/``policies``/``gold_scores`` whose length is not K, a rank
 outside ``[0, K)``, a duplicate id, a K other than the K of the first record of the file or split)
 raise :class:`~rlhf_jax.data.errors.DataError` naming the file, line, field and what was expected
 (``on_error="raise"``, the default), or are skipped and counted in a
@@ -86,9 +90,6 @@ def validate_comparison(obj: Any, where: str, *, require_ranks: bool = True) -> 
         if not isinstance(r, str):
             raise DataError(where, "wrong_type", f"expected str, got {_type_name(r)}",
                             f"responses[{i}]")
-        if not r.strip():
-            raise DataError(where, "empty_response", "expected a non-empty response, got "
-                            f"{r!r}", f"responses[{i}]")
     out = {"id": obj["id"], "prompt": obj["prompt"], "responses": list(responses),
            "labeler": obj["labeler"]}
     policies = obj["policies"]

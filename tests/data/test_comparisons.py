@@ -49,7 +49,7 @@ def _with(**changes):
     (_with(ranks=KeyError), "missing_field", "ranks"),
     (_with(prompt=3), "wrong_type", "prompt"),
     (_with(responses="abc"), "wrong_type", "responses"),
-    (_with(responses=["a", "   ", "c"]), "empty_response", "responses[1]"),
+    (_with(responses=["a", 7, "c"]), "wrong_type", "responses[1]"),
     (_with(ranks=[0, 1]), "rank_mismatch", "ranks"),
     (_with(ranks=[0, 1, 3]), "rank_mismatch", "ranks[2]"),
     (_with(ranks=[0, 1.5, 2]), "wrong_type", "ranks[1]"),
@@ -106,6 +106,7 @@ def test_writer_validates_and_leaves_no_file(tmp_path):
 def test_labeling_export_import_round_trip(tmp_path, suffix):
     recs = make_records(3)
     recs[0]["responses"][1] = 'has "quotes", commas\nand a newline'
+    recs[1]["responses"][2], recs[2]["responses"][0] = "", " "  # blank responses are ranked too
     unranked = [{k: v for k, v in r.items() if k not in ("ranks", "labeler")} for r in recs]
     p = tmp_path / f"to_label.{suffix}"
     assert comparisons.export_for_labeling(unranked, p) == 3
@@ -214,14 +215,14 @@ def test_a_folder_of_gzipped_jsonl_builds_like_plain_jsonl(tmp_path):
 def test_builder_skip_mode_reports(tmp_path):
     recs = make_records(3)
     p = write_jsonl(tmp_path / "train.jsonl", [recs[0], "{bad", recs[1], _with(id="z",
-                                               responses=["", "x", "y"]), recs[2]])
+                                               responses=[None, "x", "y"]), recs[2]])
     with pytest.raises(DataError, match="train.jsonl:2"):
         comparisons.build_comparisons(p, str(tmp_path / "d1"))
     builder, src = comparisons.build_comparisons(p, str(tmp_path / "d2"), on_error="skip")
     assert len(src["train"]) == 3
-    assert dict(builder.report.skipped) == {"bad_json": 1, "empty_response": 1}
+    assert dict(builder.report.skipped) == {"bad_json": 1, "wrong_type": 1}
     saved = json.loads((builder.data_path / "build_report.json").read_text())
-    assert saved["kept"] == 3 and saved["skipped"] == {"bad_json": 1, "empty_response": 1}
+    assert saved["kept"] == 3 and saved["skipped"] == {"bad_json": 1, "wrong_type": 1}
 
 
 def test_building_leaves_no_temporary_folder(tmp_path, monkeypatch):
@@ -236,6 +237,31 @@ def test_building_leaves_no_temporary_folder(tmp_path, monkeypatch):
     _, again = comparisons.build_comparisons(p, str(tmp_path / "d"))
     assert len(src["train"]) == len(again["train"]) == 3
     assert list(scratch.iterdir()) == []
+
+
+def test_blank_responses_are_kept_and_scored_as_prompt_then_eos(tmp_path, tok):
+    # A chat policy may end its turn right after a newline: the collector must write that
+    # response (a crash here once lost a whole collection), and the reward model must see it,
+    # one row per response, so that scores stay aligned with the records.
+    recs = make_records(3)
+    recs[1]["responses"][0], recs[2]["responses"][2] = "\n", ""
+    p = tmp_path / "train.jsonl"
+    assert comparisons.write_comparisons(p, recs) == 3
+    assert comparisons.read_comparisons(p) == recs
+    _, src = comparisons.build_comparisons(p, str(tmp_path / "tfds"))
+    assert [comparisons.decode_comparison(src["train"][i])["responses"] for i in range(3)] == [
+        r["responses"] for r in recs]
+    b = batching.comparison_batches(recs, tok, max_len=96,
+                                    cfg=batching.LoaderConfig(batch_size=3, shuffle=False))
+    batch = next(iter(b))
+    assert b.report.skipped == {} and batch["valid"].all()
+    for i, j, text in ((1, 0, "\n"), (2, 2, "")):
+        resp = batch["tokens"][i, j][batch["response_mask"][i, j]].tolist()
+        assert resp == tok.encode(text) + [tok.eos_id]
+        n_prompt = int(batch["mask"][i, j].sum()) - len(resp)
+        assert batch["tokens"][i, j][:n_prompt].tolist() == tok.encode(recs[i]["prompt"])
+    # A demonstration still has to say something: SFT skips a blank one (counted).
+    assert batching.encode_prompt_response(tok, "P", "  ", 16) is None
 
 
 def test_overlong_comparison_is_skipped_and_counted(tok):
