@@ -106,6 +106,9 @@ class CollectConfig:
     """Fit the gold scorer on N IMDB ``lm`` reviews (None: all ~20k)."""
     batch_size: int = 64
     """Prompts per sampling call."""
+    stop_after: int | None = None
+    """End this run after sampling N columns (one model at one temperature over one split; each
+    is saved as it finishes); re-running resumes at the next column."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,14 +398,30 @@ def sft_model(cfg: Config, base: Base) -> Transformer:
 
 
 def sample_texts(models: dict, temperatures, tokenizer, prompt_tokens, prompt_mask, mesh,
-                 response_len: int, eos_id: int | None, batch_size: int, seed: int):
-    """``(responses [N][K] texts, names [K])``: every model at every temperature."""
+                 response_len: int, eos_id: int | None, batch_size: int, seed: int,
+                 done: dict | None = None, on_column=None, stop_after: int | None = None):
+    """``(responses [N][K] texts, names [K])``: every model at every temperature.
+
+    ``done``: columns ``{name: [N] texts}`` sampled before (by an interrupted run) are reused;
+    each column has its own key, so the result is the same. ``on_column(columns)`` is called
+    with every column so far after each new one (to save it). ``stop_after``: sample at most N
+    new columns, then return ``(None, names so far)`` if columns remain."""
     cols, names, fns = [], [], {}
+    done, new = done or {}, 0
     n, n_dev = len(prompt_tokens), mesh.size
     for name, model in models.items():
-        graphdef, params = nnx.split(model)
-        params = parallel.replicate(params, mesh)
+        params = None
         for temp in temperatures:
+            if f"{name}@T={temp}" in done:
+                names.append(f"{name}@T={temp}")
+                cols.append(done[names[-1]])
+                print(f"[chat/collect] {names[-1]}: {n} responses kept from the stopped run")
+                continue
+            if stop_after is not None and new >= stop_after:
+                return None, names
+            if params is None:
+                graphdef, params = nnx.split(model)
+                params = parallel.replicate(params, mesh)
             scfg = SamplingConfig(max_new_tokens=response_len, temperature=temp,
                                   eos_id=eos_id, pad_id=tokenizer.pad_id, min_new_tokens=1)
             if (graphdef, scfg) not in fns:  # models of one architecture share the program
@@ -421,7 +440,10 @@ def sample_texts(models: dict, temperatures, tokenizer, prompt_tokens, prompt_ma
                                    np.asarray(out.mask))[:len(t) - pad]
             cols.append(col)
             names.append(f"{name}@T={temp}")
+            new += 1
             print(f"[chat/collect] sampled {n} responses from {names[-1]}")
+            if on_column is not None:
+                on_column(dict(zip(names, cols)))
     return [list(r) for r in zip(*cols)], names
 
 
@@ -445,11 +467,15 @@ def train_collect(cfg: Config, base: Base, sft: Transformer, sft_hash: str, task
                                 "gold": files_digest([cfg.gold])})
     fp["config"].update(query_len=cfg.ppo.query_len, response_len=cfg.ppo.response_len,
                         stop_at_eos=cfg.stop_at_eos, task=cfg.task, seed=cfg.seed)
-    guard_outputs("chat/collect", workdir, fp, [workdir / "train.jsonl", workdir / "eval.jsonl"])
+    # Finished splits, and the finished columns of an unfinished one, are kept on a re-run.
+    columns = {split: workdir / f"{split}.columns.json" for split in ("train", "eval")}
+    guard_outputs("chat/collect", workdir, fp,
+                  [workdir / "train.jsonl", workdir / "eval.jsonl", *columns.values()])
     (workdir / "summary.json").unlink(missing_ok=True)
     rng = np.random.default_rng(cfg.seed)
     summary = {"stage": "collect", "gold_heldout_review_accuracy": acc,
                "config": dataclasses.asdict(ccfg)}
+    left = ccfg.stop_after
     for split, n in (("train", ccfg.train_prompts), ("eval", ccfg.eval_prompts)):
         path = workdir / f"{split}.jsonl"
         if path.exists():  # written by this run before it was stopped (guard_outputs)
@@ -458,10 +484,25 @@ def train_collect(cfg: Config, base: Base, sft: Transformer, sft_hash: str, task
             simulated_ranks(g, ccfg.labeler_temperature, rng)  # the labeler's stream, as before
         else:
             tokens, mask, _ = task.prompt_set(split, tok, cfg.ppo.query_len, n)
+            done = (json.loads(columns[split].read_text(encoding="utf-8"))
+                    if columns[split].exists() else {})
+            sampled = []
+
+            def save(cols, out=columns[split]):
+                sampled.append(len(cols))
+                tmp = out.with_name(f".{out.name}.tmp")  # written whole: a kill leaves none
+                tmp.write_text(json.dumps(cols, ensure_ascii=False), encoding="utf-8")
+                tmp.replace(out)
+
             responses, names = sample_texts(
                 {"sft": sft, "base": base.model}, ccfg.temperatures, tok, tokens, mask, mesh,
                 cfg.ppo.response_len, tok.eos_id if cfg.stop_at_eos else None, ccfg.batch_size,
-                cfg.seed + (split == "eval"))
+                cfg.seed + (split == "eval"), done=done, on_column=save, stop_after=left)
+            if responses is None:
+                return {"stage": "collect", "stopped_at":
+                        f"{split}: {len(names)} of {2 * len(ccfg.temperatures)} columns"}
+            if left is not None:
+                left -= len(sampled)
             g = gold.score([x for r in responses for x in r]).reshape(len(responses), -1)
             ranks = simulated_ranks(g, ccfg.labeler_temperature, rng)
             records = [{"id": f"{split}-{i}", "prompt": p, "responses": r, "labeler": "simulated",
@@ -470,6 +511,7 @@ def train_collect(cfg: Config, base: Base, sft: Transformer, sft_hash: str, task
                        for i, (p, r, gs, rk) in enumerate(zip(prompt_texts(tok, tokens, mask),
                                                               responses, g, ranks))]
             comparisons.write_comparisons(path, records)
+            columns[split].unlink(missing_ok=True)
         summary.update(collect_stage.split_figures(split, records, records[0]["policies"], g))
     write_summary(workdir, summary)
     print(f"[chat/collect] mean gold P(positive) by policy: "

@@ -2,7 +2,8 @@
 
 Default: the prompt is SmolLM2's chat template, SFT batches put the loss on the response tokens
 only (checked on the mask and on the loss itself), and a LoRA SFT step changes the adapters and
-nothing else. Slow: the tiny chat pipeline end to end, and stopped + resumed == uninterrupted.
+nothing else. Slow: the tiny chat pipeline end to end, and stopped + resumed == uninterrupted
+(stopped in SFT, in the comparisons and in PPO).
 """
 import dataclasses
 import json
@@ -222,6 +223,8 @@ def chat_runs(tiny_run, tmp_path_factory):
     parts = dataclasses.replace(cfg, root=str(root / "resumed"))
     stopped = [chat.train(dataclasses.replace(parts, sft=dataclasses.replace(
         cfg.sft, stop_after=cfg.sft.steps // 2)))]
+    stopped.append(chat.train(dataclasses.replace(parts, collect=dataclasses.replace(
+        cfg.collect, stop_after=1))))
     stopped.append(chat.train(dataclasses.replace(parts, ppo=dataclasses.replace(
         cfg.ppo, stop_after=cfg.ppo.iterations // 2))))
     resumed = chat.train(parts)
@@ -289,8 +292,10 @@ def test_the_lora_reward_model_runs_through_ppo(chat_runs, tmp_path):
 def test_stopped_and_resumed_chat_pipeline_equals_uninterrupted(chat_runs):
     cfg, whole, parts, stopped, resumed = chat_runs
     assert stopped[0] == {"stage": "sft", "stopped_at": cfg.sft.steps // 2}
-    assert stopped[1] == {"stage": "ppo", "stopped_at": cfg.ppo.iterations // 2}
+    assert stopped[1] == {"stage": "collect", "stopped_at": "train: 1 of 4 columns"}
+    assert stopped[2] == {"stage": "ppo", "stopped_at": cfg.ppo.iterations // 2}
     a, b = Path(cfg.root), Path(parts.root)
+    assert not list((b / "collect").glob("*columns.json"))  # the kept column, used and removed
     loaded_a, loaded_b = _adapters(cfg), _adapters(parts)
     for stage in ("sft", "reward", "ppo"):
         (meta_a, leaves_a), (meta_b, leaves_b) = loaded_a[stage], loaded_b[stage]
