@@ -274,8 +274,8 @@ def test_changed_source_is_refused(tmp_path, source, clock):
 def test_bad_source_record_names_file_and_line(tmp_path, clock):
     write_source(tmp_path / "src", n_train=3, n_eval=1)
     with open(tmp_path / "src" / "train.jsonl", "a") as f:
-        f.write(json.dumps({"id": "x", "prompt": "p", "responses": ["a", " "], "ranks": None,
-                            "labeler": "", "policies": ["p", "q"]}) + "\n")
+        f.write(json.dumps({"id": "x", "prompt": "p", "responses": ["a", 7, "c"], "ranks": None,
+                            "labeler": "", "policies": ["p", "q", "r"]}) + "\n")
     store = LabelStore(tmp_path / "db.sqlite", clock=clock)
     with pytest.raises(comparisons.DataError, match=r"train.jsonl:4: field 'responses\[1\]'"):
         load_sources(store, tmp_path / "src")
