@@ -489,23 +489,22 @@ def train_collect(cfg: Config, base: Base, sft: Transformer, sft_hash: str, task
             tokens, mask, _ = task.prompt_set(split, tok, cfg.ppo.query_len, n)
             done = (json.loads(columns[split].read_text(encoding="utf-8"))
                     if columns[split].exists() else {})
-            sampled = []
 
             def save(cols, out=columns[split]):
-                sampled.append(len(cols))
                 tmp = out.with_name(f".{out.name}.tmp")  # written whole: a kill leaves none
                 tmp.write_text(json.dumps(cols, ensure_ascii=False), encoding="utf-8")
                 tmp.replace(out)
 
+            models = {"sft": sft, "base": base.model}
             responses, names = sample_texts(
-                {"sft": sft, "base": base.model}, ccfg.temperatures, tok, tokens, mask, mesh,
+                models, ccfg.temperatures, tok, tokens, mask, mesh,
                 cfg.ppo.response_len, tok.eos_id if cfg.stop_at_eos else None, ccfg.batch_size,
                 cfg.seed + (split == "eval"), done=done, on_column=save, stop_after=left)
             if responses is None:
-                return {"stage": "collect", "stopped_at":
-                        f"{split}: {len(names)} of {2 * len(ccfg.temperatures)} columns"}
+                return {"stage": "collect", "stopped_at": f"{split}: {len(names)} of "
+                        f"{len(models) * len(ccfg.temperatures)} columns"}
             if left is not None:
-                left -= len(sampled)
+                left -= sum(name not in done for name in names)  # columns sampled in this run
             g = gold.score([x for r in responses for x in r]).reshape(len(responses), -1)
             ranks = simulated_ranks(g, ccfg.labeler_temperature, rng)
             records = [{"id": f"{split}-{i}", "prompt": p, "responses": r, "labeler": "simulated",
