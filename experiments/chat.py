@@ -59,7 +59,7 @@ from experiments import common
 from experiments import ppo as ppo_stage
 from experiments import reward as reward_stage
 from rlhf_jax import lora_ppo, losses, parallel, ppo, reward_head, rl
-from rlhf_jax.checkpoint import files_digest, text_digest
+from rlhf_jax.checkpoint import files_digest, text_digest, write_text_atomic
 from rlhf_jax.data.batching import decode_rows
 from rlhf_jax.generation import sample_split, SamplingConfig
 from rlhf_jax.labelers import simulated_ranks
@@ -493,10 +493,8 @@ def train_collect(cfg: Config, base: Base, sft: Transformer, sft_hash: str, task
             done = (json.loads(columns[split].read_text(encoding="utf-8"))
                     if columns[split].exists() else {})
 
-            def save(cols, out=columns[split]):
-                tmp = out.with_name(f".{out.name}.tmp")  # written whole: a kill leaves none
-                tmp.write_text(json.dumps(cols, ensure_ascii=False), encoding="utf-8")
-                tmp.replace(out)
+            def save(cols, out=columns[split]):  # written whole: a kill leaves none
+                write_text_atomic(out, json.dumps(cols, ensure_ascii=False))
 
             models = {"sft": sft, "base": base.model}
             responses, names = sample_texts(

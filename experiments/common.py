@@ -14,6 +14,7 @@ from flax import nnx
 import jax
 import numpy as np
 
+from rlhf_jax.checkpoint import write_text_atomic
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.config import PRESETS as MODEL_PRESETS
 from rlhf_jax.models.transformer import Transformer
@@ -163,7 +164,5 @@ def remember_memory(workdir, name: str, report: dict | None) -> dict | None:
     if report is None:
         return saved.get(name)
     if jax.process_index() == 0 and saved.get(name) != report:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**saved, name: report}, indent=1))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps({**saved, name: report}, indent=1))
     return report

@@ -38,6 +38,7 @@ from experiments import grpo as grpo_stage
 from experiments import ppo as ppo_stage
 from experiments import seeds as seeds_stage
 from rlhf_jax import best_of_n, ppo, stats
+from rlhf_jax.checkpoint import write_text_atomic
 from rlhf_jax.data.batching import decode_rows
 from rlhf_jax.labelers import GoldSentimentScorer
 from rlhf_jax.runs import load_bundle, read_summary
@@ -337,9 +338,7 @@ def plot(rows, fits, g0, r0, path: Path) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(obj, indent=2, default=float))
 
 
 def command(argv) -> str:

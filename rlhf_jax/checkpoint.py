@@ -199,6 +199,16 @@ def load_state(directory: str | os.PathLike, template: Any,
         return ckpt.restore(template, step)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Writes ``text`` (UTF-8) to ``path`` through a hidden temporary sibling renamed over it, so a
+    process killed while writing leaves the old file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def tree_digest(tree: Any) -> str:
     """A content hash (16 hex digits of sha256) of a pytree of arrays: every leaf's path, dtype,
     shape and bytes. Equal trees give equal digests on any machine; typed PRNG keys hash by their

@@ -54,7 +54,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from rlhf_jax import parallel
-from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.checkpoint import Checkpointer, write_text_atomic
 from rlhf_jax.metrics import MetricsWriter, to_python
 
 MIN_FREE_BYTES = 64 << 20
@@ -178,9 +178,7 @@ def guard_outputs(stage: str, workdir: str | os.PathLike, fp: Mapping,
         if changes:
             done = ", ".join(Path(o).name for o in outputs if Path(o).exists())
             refuse_other_run(stage, f"{workdir} ({done})", workdir, changes)
-    tmp = path.with_name(".fingerprint.json.tmp")
-    tmp.write_text(json.dumps(fp, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(fp, indent=2) + "\n")
 
 
 class StatefulBatches:

@@ -31,7 +31,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from flax import nnx
 import jax
 
-from rlhf_jax.checkpoint import Checkpointer, files_digest, tree_digest
+from rlhf_jax.checkpoint import Checkpointer, files_digest, tree_digest, write_text_atomic
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import ScalarModel
 from rlhf_jax.models.transformer import Transformer
@@ -169,10 +169,7 @@ def write_summary(workdir: str | os.PathLike, summary: dict[str, Any]) -> Path:
     path = Path(workdir) / "summary.json"
     if jax.process_index() != 0:
         return path
-    tmp = path.with_name(".summary.json.tmp")
-    tmp.write_text(json.dumps(jax.tree.map(_plain, summary), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(jax.tree.map(_plain, summary), indent=2) + "\n")
 
 
 def md_cell(text: str) -> str:
