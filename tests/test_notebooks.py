@@ -6,6 +6,7 @@ temporary working directory, so nothing is written into the checkout.
 """
 import os
 from pathlib import Path
+import re
 import sys
 
 import pytest
@@ -15,7 +16,7 @@ nbclient = pytest.importorskip("nbclient")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-NAMES = ("quickstart.ipynb", "rlhf_math.ipynb")
+NAMES = ("quickstart.ipynb", "rlhf_math.ipynb", "lora_chat.ipynb")
 # Appended to the executed copy: which interpreter the kernel really is.
 WHOAMI = "import sys; print('KERNEL-PYTHON', sys.prefix)"
 
@@ -109,3 +110,24 @@ def test_quickstart_notebook_runs(tmp_path):
     assert _images(nb) >= 3  # ppo.png, reward.png, loss.png
     generated = [c for c in nb.cells if c.cell_type == "code" and "generate_text(" in c.source]
     assert generated and "PROMPT:" in _text(generated[-1])
+
+
+@pytest.mark.slow  # reason: the tiny LoRA chat pipeline (IMDB build, 4 stages) and transformers
+def test_lora_chat_notebook_runs(tmp_path):
+    nb, work = _execute("lora_chat.ipynb", tmp_path, cell_timeout=1800)
+    run = work / "runs" / "chat-tiny"
+    for rel in ("summary.json", "report.md", "ppo/adapters/adapter.json", "ppo/samples.md",
+                "ppo/hf/config.json", "sft/loss.png", "reward/reward.png", "ppo/ppo.png"):
+        assert (run / rel).exists(), rel
+    assert _images(nb) >= 3  # loss.png, reward.png, ppo.png
+    out = "\n".join(_text(c) for c in nb.cells if c.cell_type == "code")
+    assert "Traceback" not in out
+    # Fresh adapters leave the base's logits exactly as they were.
+    assert "max |logits(base) - logits(base + fresh adapters)| = 0.0\n" in out
+    # PPO's adapters name the SFT model: loading them onto the pretrained base is refused.
+    assert "refused:" in out and "trained on the base" in out
+    assert out.count("PROMPT:") == 3
+    # The merged export, loaded by transformers, gives our logits.
+    diff = re.search(r"max \|logits\(ours\) - logits\(transformers\)\| = (\S+)", out)
+    assert diff is not None, "the transformers check did not run"
+    assert float(diff.group(1)) < 1e-4
