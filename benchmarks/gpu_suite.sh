@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one command (one GPU, about 8 minutes), each step under its own time limit
+# The GPU benchmarks in one command (one GPU, about 9 minutes), each step under its own time limit
 # so that a slow one cannot take the others with it:
 #   1. benchmarks/gpu_scale.py: bf16 matmul rate, bandwidth, our PPO iteration at GPT-2-124M
 #      (batch 64, 64 + 64 tokens, f32/TF32) and at a 1.1B Llama shape (bf16), the update's MFU,
 #      sampling at batch 128 against the bandwidth bound;
 #   2. TRL's PPO iteration at the same GPT-2 case (benchmarks/baseline/trl_ppo.py --cases gpt2-b64);
-#   3. HF generate vs our sampler at batch 128, 64 + 128 tokens, f32 and bf16 on both sides.
+#   3. HF generate vs our sampler at batch 128, 64 + 128 tokens, f32 and bf16 on both sides;
+#   4. LoRA vs full fine-tuning, one PPO iteration at SmolLM2-135M shapes (benchmarks/lora.py,
+#      the CPU case of RESULTS.md; LORA_CASES=tiny checks the step on a CPU in a minute).
 # The machine needs jax[cuda], torch and transformers; TRL and anything else missing can be
 # installed from wheels in .whl/ (if present) into /tmp/site, with no network.
 # Results go to ${OUT:-benchmarks/out}/gpu_*; RESULTS.md's H200 section is written from them.
@@ -30,4 +32,6 @@ timeout "${TRL_TIMEOUT:-90}" python3 benchmarks/baseline/trl_ppo.py --cases gpt2
 timeout "${GEN_TIMEOUT:-80}" python3 benchmarks/generation.py --configs gpt2 --batch-sizes 128 \
     --new-tokens 128 --repeats 3 --compute-dtype bfloat16 --hf-bf16 2>&1 \
     | grep -v Warning | tee "$OUT/gpu_generation.md"
+timeout "${LORA_TIMEOUT:-120}" python3 benchmarks/lora.py --cases ${LORA_CASES:-smollm2} \
+    --warmup 1 --iters 5 --out "$OUT/gpu_lora.json" 2>&1 | grep -v Warning | tee "$OUT/gpu_lora.log"
 ls -la "$OUT"
