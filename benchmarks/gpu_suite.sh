@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one command (one GPU, about 9 minutes), each step under its own time limit
+# The GPU benchmarks in one command (one GPU, about 10 minutes), each step under its own time limit
 # so that a slow one cannot take the others with it:
 #   1. benchmarks/gpu_scale.py: bf16 matmul rate, bandwidth, our PPO iteration at GPT-2-124M
 #      (batch 64, 64 + 64 tokens, f32/TF32) and at a 1.1B Llama shape (bf16), the update's MFU,
