@@ -182,6 +182,8 @@ class Config:
     compute_dtype: str = "float32"
     """f32 is the fast path on AVX2 CPUs; bf16 pays off on accelerators."""
     seed: int = 0
+    """Seeds every stage: the random tiny base, adapter and head initialisation, data order,
+    sampling, the simulated labeler, and PPO's rollouts (``ppo.seed`` is set from it)."""
     sft: SftConfig = SftConfig()
     collect: CollectConfig = CollectConfig()
     reward: RewardConfig = RewardConfig(method="head", layer=15, pool="mean")
@@ -222,6 +224,9 @@ class Config:
                         f"{self.reward.l2_grid}: expected >= 2 folds and penalties >= 0")
         if self.reward.layer is not None and self.reward.layer < 0:
             errs.append(f"reward.layer={self.reward.layer}: expected >= 0 or None")
+        if self.ppo.seed != 0:
+            errs.append(f"ppo.seed={self.ppo.seed}: the pipeline's --seed seeds PPO too; set "
+                        "that instead")
         if not self.ppo.value_head_on_policy:
             errs.append("ppo.value_head_on_policy=False: LoRA PPO's critic is a value head on "
                         "the policy")
@@ -734,10 +739,15 @@ def _plot_cv(fitted, path: Path) -> None:
 # Stage 4: LoRA PPO
 
 
+def ppo_config(cfg: Config) -> PpoConfig:
+    """The PPO stage's config, its rollout key seeded by the pipeline's ``seed``."""
+    return dataclasses.replace(cfg.ppo, seed=cfg.seed)
+
+
 def train_ppo(cfg: Config, base: Base, sft: Transformer, sft_hash: str, task, mesh) -> dict:
     from rlhf_jax.labelers import GoldSentimentScorer
 
-    pcfg, root = cfg.ppo, Path(cfg.root)
+    pcfg, root = ppo_config(cfg), Path(cfg.root)
     workdir = check_output_dir("chat/ppo", root / "ppo")
     tok = base.tokenizer
     reward_dir = root / "reward" / "adapters"

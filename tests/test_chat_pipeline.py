@@ -190,6 +190,15 @@ def test_lora_reward_step_trains_adapters_and_head_only_and_features_match_score
         np.testing.assert_array_equal(np.asarray(x), y)
 
 
+def test_the_pipeline_seed_seeds_ppo_and_ppo_seed_is_refused():
+    cfg = dataclasses.replace(chat.PRESETS["tiny"], seed=3)
+    assert cfg.errors() == []
+    pcfg = chat.ppo_config(cfg)
+    assert pcfg.seed == 3 and dataclasses.replace(pcfg, seed=0) == cfg.ppo
+    bad = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, seed=1))
+    assert [e for e in bad.errors() if e.startswith("ppo.seed=1")], bad.errors()
+
+
 # ------------------------------------------------------------------------------------------------
 # The tiny pipeline end to end (slow: about eight small programs compile per run).
 
