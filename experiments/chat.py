@@ -197,7 +197,7 @@ class Config:
     at 5e-4 the ``--seed 1`` run ended at a KL of only 4.6 nats with gold 0.783 and still rising;
     the same run at 1e-3 reached 0.889 at 7.9 nats (README). Over 24 × 16 rollouts the adaptive
     controller barely moves β (by at most 0.64% per iteration at horizon 500), so the KL reached
-    (8–16 nats over ten seeds) is set by the learning rate and β = 0.05, not by the target of 6;
+    (8–16 nats over twelve seeds) is set by the learning rate and β = 0.05, not by the target of 6;
     a starting β of 0.10 holds ~7 nats at the cost of gold (README)."""
 
     @property
